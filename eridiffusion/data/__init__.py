@@ -1,0 +1,1 @@
+"""Image folders, captions, aspect buckets and the latent / text-embedding cache."""

@@ -1,0 +1,1 @@
+"""Model families, one file each; module names equal the original checkpoint keys."""
