@@ -1,0 +1,279 @@
+"""SDXL LoRA training step: eridiffusion vs diffusers+peft, in the same run, on one GPU.
+
+Work per step (as in docs/benchmarks.md): full SDXL UNet shapes with random weights,
+LoRA rank 16 on attention to_q/to_k/to_v/to_out.0, 1024² images (128² latents),
+77-token context, bf16 weights, AdamW; one step = forward + backward + optimizer.
+FLOPs are counted once with FlopCounterMode (forward + backward to the inputs at batch 1);
+MFU = FLOPs/image × img/s ÷ measured bf16 matmul peak.
+
+    python bench/train_step.py --out bench/results/train_step_h100.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+ATTN_TARGETS = ["*.to_q", "*.to_k", "*.to_v", "*.to_out.0"]
+LATENT = 128  # 1024² images
+CONTEXT = (77, 2048)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    batch: int
+    compile: bool = False
+    checkpointing: bool = False
+    cuda_graph: bool = False
+
+
+CASES = [
+    Case("b1_eager", 1),
+    Case("b1_graph", 1, compile=True, cuda_graph=True),
+    Case("b4_eager", 4),
+    Case("b4_compile", 4, compile=True),
+    Case("b8_eager", 8),
+    Case("b8_compile", 8, compile=True),
+    Case("b8_checkpointing", 8, checkpointing=True),
+]
+PEER_CASES = {"b1_eager", "b4_eager", "b4_compile", "b8_eager", "b8_checkpointing"}
+
+
+def matmul_peak(n: int = 8192, iters: int = 20) -> float:
+    """Measured bf16 matmul rate (TFLOP/s) on random data: the MFU denominator."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n**3 * iters / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+def inputs(batch: int, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(batch, 4, LATENT, LATENT, device="cuda", generator=g, dtype=torch.bfloat16)
+    t = torch.randint(0, 1000, (batch,), device="cuda", generator=g)
+    ctx = torch.randn(batch, *CONTEXT, device="cuda", generator=g, dtype=torch.bfloat16)
+    pooled = torch.randn(batch, 1280, device="cuda", generator=g, dtype=torch.bfloat16)
+    time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]], device="cuda").repeat(batch, 1)
+    target = torch.randn(batch, 4, LATENT, LATENT, device="cuda", generator=g, dtype=torch.bfloat16)
+    return x, t, ctx, pooled, time_ids, target
+
+
+# ---------------------------------------------------------------- eridiffusion
+def build_ours(case: Case):
+    from eridiffusion import lora
+    from eridiffusion.models.unet import UNet, UNetConfig, sdxl_vector
+    from eridiffusion.speed import optimize_for_training
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        unet = UNet(UNetConfig.sdxl())
+    unet.to(torch.bfloat16).requires_grad_(False)
+    net = lora.inject(unet, "unet", rank=16, alpha=16, targets=ATTN_TARGETS)
+    net.to("cuda")
+    unet.gradient_checkpointing = case.checkpointing
+    unet.train()
+    forward = optimize_for_training(unet, compile=case.compile)
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4, fused=True)
+
+    def step(x, t, ctx, pooled, time_ids, target):
+        y = sdxl_vector(pooled, time_ids).to(x.dtype)
+        pred = forward(x, t, ctx, y)
+        loss = F.mse_loss(pred.float(), target.float())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    def fwd(x, t, ctx, pooled, time_ids):
+        return unet(x, t, ctx, sdxl_vector(pooled, time_ids).to(x.dtype))
+
+    return step, fwd, unet, net
+
+
+# ---------------------------------------------------------------- diffusers + peft
+DIFFUSERS_SDXL = dict(
+    sample_size=128, in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280), layers_per_block=2,
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+
+
+def build_peer(case: Case):
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        unet = UNet2DConditionModel(**DIFFUSERS_SDXL)
+    unet.to(torch.bfloat16).requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    if case.checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    model = torch.compile(unet) if case.compile else unet
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+
+    def step(x, t, ctx, pooled, time_ids, target):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            pred = model(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        loss = F.mse_loss(pred.float(), target.float())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    def fwd(x, t, ctx, pooled, time_ids):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return unet(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+
+    return step, fwd, unet, None
+
+
+# ---------------------------------------------------------------- measurement
+def count_flops(step) -> float:
+    """FLOPs of one batch-1 training step (forward + backward), counted, not assumed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    args = inputs(1)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(*args)
+    return float(counter.get_total_flops())
+
+
+def time_step(step, batch: int, warmup: int, iters: int, cuda_graph: bool = False) -> dict:
+    args = inputs(batch)
+    t0 = time.perf_counter()
+    step(*args)
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        step(*args)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(iters):
+        start.record()
+        step(*args)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    med = times[len(times) // 2]
+    return {
+        "s_per_step": med,
+        "img_per_s": batch / med,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "first_step_s": first,
+        "spread": (times[-1] - times[0]) / med,
+    }
+
+
+def run_case(impl: str, case: Case, flops_per_image: float, peak: float, warmup: int, iters: int) -> dict:
+    build = build_ours if impl == "eridiffusion" else build_peer
+    step, _, model, _ = build(case)
+    row = {"impl": impl, "config": case.name, "batch": case.batch, "compile": case.compile,
+           "checkpointing": case.checkpointing}
+    row.update(time_step(step, case.batch, warmup, iters))
+    row["mfu"] = flops_per_image * row["img_per_s"] / (peak * 1e12)
+    del step, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--cases", default=",".join(c.name for c in CASES))
+    ap.add_argument("--peer", default="auto", choices=["auto", "yes", "no"])
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=10)
+    args = ap.parse_args(argv)
+    assert torch.cuda.is_available(), "bench/train_step.py needs a CUDA GPU"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+
+    peer = args.peer == "yes"
+    if args.peer == "auto":
+        try:
+            import diffusers  # noqa: F401
+            import peft  # noqa: F401
+            peer = True
+        except ImportError:
+            peer = False
+
+    peak = matmul_peak()
+    step, _, model, _ = build_ours(Case("flops", 1))
+    flops = count_flops(step)
+    del step, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+           "python": platform.python_version(), "bf16_peak_tflops": round(peak, 1),
+           "flops_per_image_fwd_bwd": flops}
+    print(json.dumps({"env": env}), flush=True)
+    rows = []
+    wanted = args.cases.split(",")
+    for case in [c for c in CASES if c.name in wanted]:
+        for impl in ["eridiffusion"] + (["diffusers+peft"] if peer and case.name in PEER_CASES else []):
+            try:
+                row = run_case(impl, case, flops, peak, args.warmup, args.iters)
+            except torch.OutOfMemoryError:
+                row = {"impl": impl, "config": case.name, "error": "out of memory"}
+                gc.collect()
+                torch.cuda.empty_cache()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    by = {(r["impl"], r["config"]): r for r in rows}
+    for r in rows:
+        p = by.get(("diffusers+peft", r["config"]))
+        if r["impl"] == "eridiffusion" and p and "img_per_s" in p and "img_per_s" in r:
+            r["ratio_to_peer"] = r["img_per_s"] / p["img_per_s"]
+    print(f"{'impl':16} {'config':18} {'img/s':>7} {'s/step':>7} {'GiB':>6} {'MFU':>6} {'x peer':>6}")
+    for r in rows:
+        if "img_per_s" in r:
+            print(f"{r['impl']:16} {r['config']:18} {r['img_per_s']:7.2f} {r['s_per_step']:7.3f} "
+                  f"{r['peak_gib']:6.1f} {100 * r['mfu']:5.1f}% {r.get('ratio_to_peer', float('nan')):6.2f}")
+        else:
+            print(f"{r['impl']:16} {r['config']:18} {r.get('error')}")
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
