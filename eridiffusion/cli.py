@@ -1,0 +1,290 @@
+"""The `eri` command: one function per sub-command, registered with `@command`.
+
+Add a sub-command by writing one function that takes the parsed `argparse.Namespace` and
+returns an exit code, decorated with `@command(name, help, arg(...), ...)`. Errors about
+weight files (`WeightError`) are caught once, in `main`, for every sub-command: the user
+sees one line and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+from eridiffusion import checkpoint
+from eridiffusion.weights import WeightError, WeightLoader
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    args: tuple[tuple[tuple[str, ...], dict], ...]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def arg(*flags: str, **kwargs) -> tuple[tuple[str, ...], dict]:
+    """One `add_argument` call, written where the command is registered."""
+    return flags, kwargs
+
+
+def command(name: str, help: str, *args: tuple[tuple[str, ...], dict]):
+    """Register the decorated function as `eri NAME`."""
+
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = Command(name, help, run, args)
+        return run
+
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eri", description="LoRA training for SDXL and SD1.5.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        for flags, kwargs in cmd.args:
+            p.add_argument(*flags, **kwargs)
+        p.set_defaults(run=cmd.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except WeightError as e:
+        print(f"eri {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+# -- eri inspect ------------------------------------------------------------------------
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024 or unit == "GiB":
+            return f"{n:.2f} {unit}"
+
+
+def _dtypes(loader: WeightLoader, keys: list[str]) -> dict[str, int]:
+    return dict(Counter(str(loader.dtype(k)).removeprefix("torch.") for k in keys).most_common())
+
+
+def _model_report(loader: WeightLoader) -> dict:
+    fam = checkpoint.detect(loader)
+    models = {p: fam.build(p, "meta") for p in fam.parts}
+    checks, unclaimed = checkpoint.check(loader, fam, models)
+    components, problems = {}, []
+    for c in checks:
+        keys = [k for k in loader.keys() if k.startswith(c.prefix) and not checkpoint.ignored(k, fam.name)]
+        components[c.part] = {
+            "prefix": c.prefix,
+            "tensors": len(keys),
+            "parameters": sum(loader.shape(k).numel() for k in keys),
+            "dtypes": _dtypes(loader, keys),
+        }
+        if not keys:
+            problems.append(f"{c.part}: absent (no keys under {c.prefix})")
+        elif len(c.missing) == len(c.expected):
+            problems.append(f"{c.part}: none of its {len(c.expected)} keys found under {c.prefix}")
+        else:
+            problems += [f"missing {c.prefix}{k}" for k in c.missing]
+        problems += [f"unexpected {c.prefix}{k}" for k in c.unexpected]
+        problems += [f"shape {c.prefix}{k}: file {found}, model {want}" for k, want, found in c.shapes]
+    problems += [f"unexpected {k}" for k in unclaimed]
+    return {
+        "kind": "model",
+        "family": fam.name,
+        "base_model_version": fam.base_model_version,
+        "prediction": fam.prediction,
+        "components": components,
+        "ignored": sorted(k for k in loader.keys() if checkpoint.ignored(k, fam.name)),
+        "problems": problems,
+    }
+
+
+def _lora_report(loader: WeightLoader, modules: list[str]) -> dict:
+    counts: Counter[str] = Counter()
+    ranks: Counter[int] = Counter()
+    alphas: Counter[float] = Counter()
+    problems = []
+    for name in modules:
+        counts[name.split("_", 2)[1]] += 1  # lora_<component>_<path>
+        down, up, alpha = (f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha")
+        if down not in loader or up not in loader:
+            problems.append(f"{name}: lora_down/lora_up pair incomplete")
+            continue
+        rank = loader.shape(down)[0]
+        ranks[rank] += 1
+        if loader.shape(up)[1] != rank:
+            problems.append(f"{name}: lora_up {list(loader.shape(up))} does not match rank {rank}")
+        if alpha in loader:
+            alphas[float(loader.get(alpha).float().item())] += 1
+        else:
+            problems.append(f"{name}: no .alpha (read as scale 1.0 by ComfyUI/A1111)")
+    return {
+        "kind": "lora",
+        "modules": len(modules),
+        "components": dict(sorted(counts.items())),
+        "ranks": {str(r): n for r, n in sorted(ranks.items())},
+        "alphas": {f"{a:g}": n for a, n in sorted(alphas.items())},
+        "metadata": loader.metadata,
+        "problems": problems,
+    }
+
+
+def _print_report(r: dict) -> None:
+    print(f"file:      {r['file']}")
+    print(f"format:    {r['format']}, {r['tensors']} tensors, {_size(r['size'])} on disk")
+    if r["kind"] == "model":
+        print(f"family:    {r['family']} (ss_base_model_version {r['base_model_version']}, {r['prediction']})")
+        print("components:")
+        for part, c in r["components"].items():
+            dtypes = ", ".join(f"{d} ({n})" if len(c["dtypes"]) > 1 else d for d, n in c["dtypes"].items()) or "-"
+            print(f"  {part:<4} {c['prefix']:<38} {c['tensors']:>5} tensors {c['parameters']:>14,} params  {dtypes}")
+        if r["ignored"]:
+            more = ", …" if len(r["ignored"]) > 3 else ""
+            print(f"ignored:   {len(r['ignored'])} ({', '.join(r['ignored'][:3])}{more})")
+    else:
+        comps = ", ".join(f"{k} {n}" for k, n in r["components"].items())
+        print(f"LoRA:      {r['modules']} modules ({comps})")
+        print(f"rank:      {', '.join(f'{k} ×{n}' for k, n in r['ranks'].items()) or '-'}")
+        print(f"alpha:     {', '.join(f'{k} ×{n}' for k, n in r['alphas'].items()) or '-'}")
+        print(f"metadata:  {len(r['metadata'])} entries")
+        for k, v in sorted(r["metadata"].items()):
+            print(f"  {k} = {v if len(v) <= 100 else v[:97] + '...'}")
+    problems = r["problems"]
+    print(f"problems:  {len(problems) or 'none'}")
+    for p in problems[:10]:
+        print(f"  {p}")
+    if len(problems) > 10:
+        print(f"  … and {len(problems) - 10} more (--json lists all)")
+
+
+@command(
+    "inspect",
+    "show what a model or LoRA file holds: family, parts, ranks, metadata, problems",
+    arg("file", help="a .safetensors checkpoint or LoRA file"),
+    arg("--allow-pickle", action="store_true", help="read .ckpt/.pt/.bin files (weights_only=True)"),
+    arg("--json", action="store_true", help="print one JSON object instead of text"),
+)
+def inspect(args: argparse.Namespace) -> int:
+    with WeightLoader(args.file, allow_pickle=args.allow_pickle) as loader:
+        modules = checkpoint.lora_modules(loader.keys())
+        report = _lora_report(loader, modules) if modules else _model_report(loader)
+        head = {"file": str(loader.path), "format": loader.format, "tensors": len(loader), "size": loader.file_size}
+        report = {**head, **report}
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        _print_report(report)
+    return 0
+
+
+# -- eri train / eri cache / eri demo -------------------------------------------------------
+@command(
+    "train",
+    "train a LoRA as a TOML config says (fields overridable as section.field=value)",
+    arg("config", help="a TOML file, e.g. configs/sdxl_lora.toml (docs/config.md lists every field)"),
+    arg("overrides", nargs="*", metavar="section.field=value", help="e.g. model.path=/models/x.safetensors"),
+    arg("--resume", metavar="DIR", help="continue exactly from a saved state folder (OUTPUT_DIR/state)"),
+)
+def train(args: argparse.Namespace) -> int:
+    from eridiffusion.config import ConfigError, TrainConfig
+    from eridiffusion.data.dataset import DatasetError
+    from eridiffusion.train import train as run
+
+    try:
+        run(TrainConfig.from_toml(args.config, args.overrides), resume_dir=args.resume)
+    except (ConfigError, DatasetError) as e:
+        print(f"eri train: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+@command(
+    "cache",
+    "encode the latent and text-embedding cache of a config without training",
+    arg("config", help="a TOML training config"),
+    arg("overrides", nargs="*", metavar="section.field=value"),
+)
+def cache(args: argparse.Namespace) -> int:
+    from eridiffusion.config import ConfigError, TrainConfig
+    from eridiffusion.data.dataset import DatasetError
+    from eridiffusion.train import build_cache
+
+    try:
+        stats = build_cache(TrainConfig.from_toml(args.config, args.overrides)).stats
+    except (ConfigError, DatasetError) as e:
+        print(f"eri cache: {e}", file=sys.stderr)
+        return 2
+    print(f"cache: {stats.writes} entries written")
+    return 0
+
+
+@command(
+    "demo",
+    "train a LoRA on the embedded tiny model and a generated dataset (CPU, about a minute)",
+    arg("--dir", default="runs/demo", help="output folder (default runs/demo)"),
+    arg("--steps", type=int, default=100, help="training steps (default 100)"),
+)
+def demo(args: argparse.Namespace) -> int:
+    from eridiffusion.tiny import run_demo
+
+    result = run_demo(args.dir, steps=args.steps)
+    first, last = result.losses[:10], result.losses[-10:]
+    print(f"demo: mean loss of the first 10 steps {sum(first) / len(first):.4f}, last 10 {sum(last) / len(last):.4f}")
+    print(f"demo: LoRA written to {result.lora_path}; inspect it with: eri inspect {result.lora_path}")
+    return 0
+
+
+
+# -- eri sample (docs/sampling.md) ------------------------------------------------------------
+@command(
+    "sample",
+    "render PNGs from a checkpoint (+ LoRAs); each PNG carries the settings that repeat it",
+    arg("--model", required=True, help="an SDXL or SD1.5 single-file checkpoint"),
+    arg("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="a LoRA and its strength (default 1); repeatable"),
+    arg("--prompt", action="append", required=True, help="the text; repeat for several prompts"),
+    arg("--negative", default="", help="negative prompt (default empty: zeros for SDXL, as sgm/diffusers)"),
+    arg("--steps", type=int, default=30),
+    arg("--cfg", type=float, default=7.0, help="classifier-free guidance scale (default 7)"),
+    arg("--sampler", default="dpmpp_2m", choices=("euler", "euler_a", "dpmpp_2m", "ddim")),
+    arg("--karras", action="store_true", help="Karras sigma spacing"),
+    arg("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k (default 0)"),
+    arg("--batch", type=int, default=1, help="images per prompt (default 1)"),
+    arg("--size", default=None, metavar="WxH", help="default 1024x1024 (SDXL), 512x512 (SD1.5)"),
+    arg("--out", default="samples", help="output folder; files are numbered, never overwritten"),
+    arg("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps"),
+    arg("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="auto: bf16 on CUDA, fp32 elsewhere"),
+    arg("--allow-pickle", action="store_true", help="read a .ckpt checkpoint (weights_only=True)"),
+)
+def sample(args: argparse.Namespace) -> int:
+    from eridiffusion import pipeline
+    from eridiffusion.lora import LoRAError
+
+    try:
+        size = pipeline.parse_size(args.size) if args.size else None
+        pipeline.sample_files(
+            args.model, args.prompt, args.out, negative=args.negative, steps=args.steps, cfg=args.cfg,
+            sampler=args.sampler, karras=args.karras, seed=args.seed, size=size, batch=args.batch,
+            loras=[pipeline.parse_lora(x) for x in args.lora], device=args.device, dtype=args.dtype,
+            allow_pickle=args.allow_pickle,
+        )  # fmt: skip
+    except (pipeline.PipelineError, LoRAError) as e:
+        print(f"eri sample: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
