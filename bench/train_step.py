@@ -35,17 +35,31 @@ class Case:
     batch: int
     compile: bool = False
     checkpointing: bool = False
-    cuda_graph: bool = False
+    scope: str = "blocks"  # regional compile scope (eridiffusion.speed.SCOPES)
+    channels_last: bool = False
+    attn: str = "auto"  # SDPA backend priority
+    mode: str | None = None  # torch.compile mode
 
 
 CASES = [
     Case("b1_eager", 1),
-    Case("b1_graph", 1, compile=True, cuda_graph=True),
+    Case("b1_compile", 1, compile=True),
     Case("b4_eager", 4),
     Case("b4_compile", 4, compile=True),
     Case("b8_eager", 8),
     Case("b8_compile", 8, compile=True),
     Case("b8_checkpointing", 8, checkpointing=True),
+    Case("b8_checkpointing_compile", 8, compile=True, checkpointing=True),
+]
+# Variants of our step measured one change at a time (bench/train_step.py --variants).
+VARIANTS = [
+    Case("b4_blocks", 4, compile=True),
+    Case("b4_blocks_cl", 4, compile=True, channels_last=True),
+    Case("b4_stages", 4, compile=True, scope="stages"),
+    Case("b4_stages_cl", 4, compile=True, scope="stages", channels_last=True),
+    Case("b4_stages_cudnn", 4, compile=True, scope="stages", attn="cudnn"),
+    Case("b4_eager_cudnn", 4, attn="cudnn"),
+    Case("b1_stages_graphs", 1, compile=True, scope="stages", mode="reduce-overhead"),
 ]
 PEER_CASES = {"b1_eager", "b4_eager", "b4_compile", "b8_eager", "b8_checkpointing"}
 
@@ -65,7 +79,7 @@ def matmul_peak(n: int = 8192, iters: int = 20) -> float:
     return 2 * n**3 * iters / (start.elapsed_time(end) / 1e3) / 1e12
 
 
-def inputs(batch: int, seed: int = 0):
+def inputs(batch: int, seed: int = 0, channels_last: bool = False):
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(batch, 4, LATENT, LATENT, device="cuda", generator=g, dtype=torch.bfloat16)
     t = torch.randint(0, 1000, (batch,), device="cuda", generator=g)
@@ -73,6 +87,8 @@ def inputs(batch: int, seed: int = 0):
     pooled = torch.randn(batch, 1280, device="cuda", generator=g, dtype=torch.bfloat16)
     time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]], device="cuda").repeat(batch, 1)
     target = torch.randn(batch, 4, LATENT, LATENT, device="cuda", generator=g, dtype=torch.bfloat16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     return x, t, ctx, pooled, time_ids, target
 
 
@@ -80,7 +96,7 @@ def inputs(batch: int, seed: int = 0):
 def build_ours(case: Case):
     from eridiffusion import lora
     from eridiffusion.models.unet import UNet, UNetConfig, sdxl_vector
-    from eridiffusion.speed import optimize_for_training
+    from eridiffusion.speed import attention_priority, optimize_for_training
 
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -90,14 +106,16 @@ def build_ours(case: Case):
     net.to("cuda")
     unet.gradient_checkpointing = case.checkpointing
     unet.train()
-    forward = optimize_for_training(unet, compile=case.compile)
+    forward = optimize_for_training(unet, compile=case.compile, scope=case.scope,
+                                    channels_last=case.channels_last, mode=case.mode)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4, fused=True)
 
     def step(x, t, ctx, pooled, time_ids, target):
-        y = sdxl_vector(pooled, time_ids).to(x.dtype)
-        pred = forward(x, t, ctx, y)
-        loss = F.mse_loss(pred.float(), target.float())
-        loss.backward()
+        with attention_priority(case.attn):
+            y = sdxl_vector(pooled, time_ids).to(x.dtype)
+            pred = forward(x, t, ctx, y)
+            loss = F.mse_loss(pred.float(), target.float())
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -169,8 +187,8 @@ def count_flops(step) -> float:
     return float(counter.get_total_flops())
 
 
-def time_step(step, batch: int, warmup: int, iters: int, cuda_graph: bool = False) -> dict:
-    args = inputs(batch)
+def time_step(step, batch: int, warmup: int, iters: int, channels_last: bool = False) -> dict:
+    args = inputs(batch, channels_last=channels_last)
     t0 = time.perf_counter()
     step(*args)
     torch.cuda.synchronize()
@@ -198,12 +216,64 @@ def time_step(step, batch: int, warmup: int, iters: int, cuda_graph: bool = Fals
     }
 
 
+CATEGORIES = [  # kernel-name patterns -> category, first match wins
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")),
+    ("optimizer", ("adam", "multi_tensor")),
+    ("norm", ("group_norm", "layer_norm", "groupnorm", "layernorm", "welford", "red_fused_native_group_norm")),
+    ("conv", ("conv", "implicit", "dgrad", "wgrad", "fprop", "winograd")),
+    ("matmul", ("gemm", "cutlass", "xmma", "sm90", "nvjet", "matmul")),
+    ("fused elementwise (triton)", ("triton",)),
+    ("copy/cast", ("copy", "cast", "to_copy", "cat", "transpose")),
+]
+
+
+def profile_case(case: Case, path: str) -> dict:
+    """Profile three steps of our step: share of GPU time by kernel category, and idle time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step, _, model, _ = build_ours(case)
+    args = inputs(case.batch, channels_last=case.channels_last)
+    for _ in range(3):
+        step(*args)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step(*args)
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / 3
+    totals: dict[str, float] = {}
+    kernels = []
+    for evt in prof.key_averages():
+        us = evt.device_time_total if hasattr(evt, "device_time_total") else evt.cuda_time_total
+        if us <= 0:
+            continue
+        name = evt.key.lower()
+        cat = next((c for c, pats in CATEGORIES if any(p in name for p in pats)), "other")
+        totals[cat] = totals.get(cat, 0.0) + us / 3 / 1e6
+        kernels.append((us / 3 / 1e6, evt.key[:90], cat))
+    busy = sum(totals.values())
+    kernels.sort(reverse=True)
+    summary = {"case": case.name, "wall_s_per_step": wall, "gpu_busy_s": busy,
+               "idle_share": max(0.0, 1 - busy / wall),
+               "share": {k: v / wall for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
+               "top_kernels": [{"s": s_, "name": n, "category": c} for s_, n, c in kernels[:15]]}
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=1)
+    print(json.dumps({k: summary[k] for k in ("case", "wall_s_per_step", "idle_share", "share")}), flush=True)
+    del step, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return summary
+
+
 def run_case(impl: str, case: Case, flops_per_image: float, peak: float, warmup: int, iters: int) -> dict:
     build = build_ours if impl == "eridiffusion" else build_peer
     step, _, model, _ = build(case)
     row = {"impl": impl, "config": case.name, "batch": case.batch, "compile": case.compile,
-           "checkpointing": case.checkpointing}
-    row.update(time_step(step, case.batch, warmup, iters))
+           "checkpointing": case.checkpointing, "scope": case.scope, "channels_last": case.channels_last,
+           "attn": case.attn, "mode": case.mode}
+    row.update(time_step(step, case.batch, warmup, iters, case.channels_last and impl == "eridiffusion"))
     row["mfu"] = flops_per_image * row["img_per_s"] / (peak * 1e12)
     del step, model
     gc.collect()
@@ -217,6 +287,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--cases", default=",".join(c.name for c in CASES))
     ap.add_argument("--peer", default="auto", choices=["auto", "yes", "no"])
+    ap.add_argument("--variants", action="store_true", help="measure our step's speed variants, no peer")
+    ap.add_argument("--profile", default=None, help="write a profiler summary of this case's step")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     args = ap.parse_args(argv)
@@ -244,9 +316,15 @@ def main(argv=None) -> int:
            "python": platform.python_version(), "bf16_peak_tflops": round(peak, 1),
            "flops_per_image_fwd_bwd": flops}
     print(json.dumps({"env": env}), flush=True)
+    if args.profile:
+        case = next(c for c in CASES + VARIANTS if c.name == args.profile)
+        profile_case(case, args.out or "profile.json")
+        return 0
     rows = []
     wanted = args.cases.split(",")
-    for case in [c for c in CASES if c.name in wanted]:
+    cases = VARIANTS if args.variants else [c for c in CASES if c.name in wanted]
+    peer = peer and not args.variants
+    for case in cases:
         for impl in ["eridiffusion"] + (["diffusers+peft"] if peer and case.name in PEER_CASES else []):
             try:
                 row = run_case(impl, case, flops, peak, args.warmup, args.iters)
