@@ -39,6 +39,7 @@ class Case:
     channels_last: bool = False
     attn: str = "auto"  # SDPA backend priority
     mode: str | None = None  # torch.compile mode
+    graph: bool = False  # capture forward+backward+AdamW in one CUDA graph (eridiffusion.speed.GraphedStep)
 
 
 CASES = [
@@ -53,13 +54,19 @@ CASES = [
 ]
 # Variants of our step measured one change at a time (bench/train_step.py --variants).
 VARIANTS = [
+    Case("b1_graph", 1, graph=True),
+    Case("b1_graph_blocks", 1, compile=True, graph=True),
+    Case("b4_graph", 4, graph=True),
+    Case("b4_graph_blocks", 4, compile=True, graph=True),
+    Case("b4_graph_stages", 4, compile=True, scope="stages", graph=True),
+    Case("b8_graph_blocks", 8, compile=True, graph=True),
+    Case("b8_ckpt_graph_blocks", 8, compile=True, checkpointing=True, graph=True),
     Case("b4_blocks", 4, compile=True),
     Case("b4_blocks_cl", 4, compile=True, channels_last=True),
     Case("b4_stages", 4, compile=True, scope="stages"),
     Case("b4_stages_cl", 4, compile=True, scope="stages", channels_last=True),
     Case("b4_stages_cudnn", 4, compile=True, scope="stages", attn="cudnn"),
     Case("b4_eager_cudnn", 4, attn="cudnn"),
-    Case("b1_stages_graphs", 1, compile=True, scope="stages", mode="reduce-overhead"),
 ]
 PEER_CASES = {"b1_eager", "b4_eager", "b4_compile", "b8_eager", "b8_checkpointing"}
 
@@ -96,7 +103,7 @@ def inputs(batch: int, seed: int = 0, channels_last: bool = False):
 def build_ours(case: Case):
     from eridiffusion import lora
     from eridiffusion.models.unet import UNet, UNetConfig, sdxl_vector
-    from eridiffusion.speed import attention_priority, optimize_for_training
+    from eridiffusion.speed import GraphedStep, attention_priority, optimize_for_training
 
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -108,17 +115,25 @@ def build_ours(case: Case):
     unet.train()
     forward = optimize_for_training(unet, compile=case.compile, scope=case.scope,
                                     channels_last=case.channels_last, mode=case.mode)
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    params = net.lora_parameters()
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=case.graph)
 
-    def step(x, t, ctx, pooled, time_ids, target):
+    def body(x, t, ctx, pooled, time_ids, target):
         with attention_priority(case.attn):
             y = sdxl_vector(pooled, time_ids).to(x.dtype)
             pred = forward(x, t, ctx, y)
             loss = F.mse_loss(pred.float(), target.float())
             loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
         return loss
+
+    if case.graph:
+        step = GraphedStep(body, params, opt)
+    else:
+        def step(*args):
+            loss = body(*args)
+            opt.zero_grad(set_to_none=True)
+            return loss
 
     def fwd(x, t, ctx, pooled, time_ids):
         return unet(x, t, ctx, sdxl_vector(pooled, time_ids).to(x.dtype))
@@ -334,6 +349,9 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if args.out:
+                with open(args.out + "l", "a") as f:
+                    f.write(json.dumps(row) + "\n")
     by = {(r["impl"], r["config"]): r for r in rows}
     for r in rows:
         p = by.get(("diffusers+peft", r["config"]))

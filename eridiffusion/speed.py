@@ -70,3 +70,72 @@ def optimize_for_training(
     if compile:
         compile_regions(unet, scope=scope, mode=mode)
     return unet
+
+
+class GraphedStep:
+    """A whole training step (forward, backward, optimizer) captured in a CUDA graph.
+
+    Host overhead (Python, kernel launches, LoRA wrappers, compiled-region guards) is paid
+    once at capture; each later step copies its inputs into static buffers and replays the
+    graph. One graph per input signature (bucket shape). `fn(*tensors) -> loss` must run
+    forward + backward + `optimizer.step()` and must not zero the gradients (they are
+    written, not accumulated, by the captured backward). The optimizer must be
+    capturable (`fused=True, capturable=True`; a changing LR as a CUDA tensor).
+
+    Warm-up steps before capture would change the weights; the parameters and optimizer
+    state are snapshotted before and restored after, so step N of a graphed run is step N
+    of an eager one.
+    """
+
+    def __init__(self, fn, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, warmup: int = 2):
+        self.fn, self.params, self.optimizer, self.warmup = fn, params, optimizer, warmup
+        self.graphs: dict[tuple, tuple[list[torch.Tensor], torch.Tensor, torch.cuda.CUDAGraph]] = {}
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        return list(self.params) + state
+
+    def _capture(self, tensors: tuple[torch.Tensor, ...]):
+        static_in = [t.clone() for t in tensors]
+        for p in self.params:
+            p.grad = None
+        if not self.optimizer.state:  # materialise the optimizer state outside the graph
+            for p in self.params:
+                p.grad = torch.zeros_like(p)
+            saved = [t.detach().clone() for t in self.params]
+            self.optimizer.step()
+            with torch.no_grad():
+                for t, s in zip(self.params, saved):
+                    t.copy_(s)
+                for st in self.optimizer.state.values():
+                    for v in st.values():
+                        if torch.is_tensor(v):
+                            v.zero_()
+            for p in self.params:
+                p.grad = None
+        snapshot = [t.detach().clone() for t in self._state_tensors()]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.fn(*static_in)
+                for p in self.params:
+                    p.grad = None
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():
+            for t, s in zip(self._state_tensors(), snapshot):
+                t.copy_(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = self.fn(*static_in)
+        return static_in, loss, graph
+
+    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        key = tuple((tuple(t.shape), t.dtype, t.stride()) for t in tensors)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(tensors)
+        static_in, loss, graph = self.graphs[key]
+        for s, t in zip(static_in, tensors):
+            s.copy_(t)
+        graph.replay()
+        return loss
