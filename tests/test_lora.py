@@ -1,0 +1,603 @@
+"""LoRA: identity at init, merge, frozen base, file round trip, and the file read by diffusers
+(through its own kohya loader + peft) and by ComfyUI's key mapping, on the tiny models."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from eridiffusion import lora
+from eridiffusion.checkpoint import tiny_components
+from eridiffusion.models.unet import sdxl_vector
+
+B = 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add overhead (and thrash when other jobs share the CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def text_ids(seed: int = 0, n: int = 77) -> torch.Tensor:
+    """(B, 77) ids: BOS, random tokens, EOS (the largest id), padding with EOS (CLIP-L style)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.full((B, n), 49407)
+    ids[:, 0] = 49406
+    for b, length in enumerate((9, 14)):
+        ids[b, 1:length] = torch.randint(0, 49406, (length - 1,), generator=g)
+    return ids
+
+
+def unet_inputs(cfg, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 4, 8, 8, generator=g)
+    t = torch.tensor([10.0, 700.0])
+    ctx = torch.randn(B, 8, cfg.context_dim, generator=g)
+    if cfg.adm_in_channels is None:
+        return (x, t, ctx), {}
+    pooled = torch.randn(B, cfg.adm_in_channels - 6 * cfg.addition_time_embed_dim, generator=g)
+    time_ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024], [768, 1344, 32, 16, 832, 1216]])
+    return (x, t, ctx, sdxl_vector(pooled, time_ids, cfg.addition_time_embed_dim)), {"pooled": pooled, "time_ids": time_ids}
+
+
+@torch.no_grad()
+def outputs(c) -> dict[str, torch.Tensor]:
+    """Every part's output on fixed inputs: UNet noise prediction, text hidden and pooled."""
+    out = {"unet": c.unet(*unet_inputs(c.unet.cfg)[0])}
+    for part in ("te1", "te2"):
+        m = getattr(c, part)
+        if m is not None:
+            o = m(text_ids())
+            out[part] = torch.cat([o.hidden.flatten(1), o.last.flatten(1), o.pooled], dim=1)
+    return out
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@torch.no_grad()
+def randomize(networks, seed: int = 1, std: float = 0.05):
+    """Give `up` non-zero values, as training would (down keeps its kaiming init)."""
+    g = torch.Generator().manual_seed(seed)
+    for net in networks:
+        for m in net.loras.values():
+            m.lora_up.weight.copy_(torch.randn(m.lora_up.weight.shape, generator=g) * std)
+
+
+def inject_all(c, rank=4, alpha=2.0, conv_rank=None, conv_alpha=None, dropout=0.0):
+    nets = {"unet": lora.inject(c.unet, "unet", rank, alpha, conv_rank=conv_rank, conv_alpha=conv_alpha, dropout=dropout)}
+    if c.te2 is None:
+        nets["te"] = lora.inject(c.te1, "te", rank, alpha, dropout=dropout)
+    else:
+        nets["te1"] = lora.inject(c.te1, "te1", rank, alpha, dropout=dropout)
+        nets["te2"] = lora.inject(c.te2, "te2", rank, alpha, dropout=dropout)
+    return nets
+
+
+FAMILIES = ["sdxl-tiny", "sd15-tiny"]
+
+
+# -- the adapters ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inject_is_identity_then_merge_matches(family):
+    c = tiny_components(family)
+    base_sd = {part: {k: v.clone() for k, v in m.state_dict().items()} for part, m in c.items() if part != "vae"}
+    base = outputs(c)
+    nets = inject_all(c, conv_rank=2, conv_alpha=1.0)
+
+    after = outputs(c)
+    assert all(torch.equal(after[k], base[k]) for k in base)  # up = 0: bit-identical at step 0
+    for part, sd0 in base_sd.items():  # base weights keep their checkpoint names
+        sd = getattr(c, part).state_dict()
+        assert {k for k in sd if "lora_" not in k} == set(sd0)
+        assert all(torch.equal(sd[k], v) for k, v in sd0.items())
+
+    randomize(nets.values())
+    live = outputs(c)
+    assert max_diff(live, base) > 1e-2  # the LoRA does something
+    for net in nets.values():
+        net.merge()
+    merged = outputs(c)
+    print(f"{family} merged vs unmerged max abs diff {max_diff(merged, live):.2e}")
+    assert max_diff(merged, live) <= 1e-5
+    for net in nets.values():
+        net.unmerge()
+        net.set_multiplier(0.0)
+    assert max_diff(outputs(c), base) <= 1e-5  # unmerged and strength 0: the base model again
+
+
+def test_kohya_names_and_ranks():
+    c = tiny_components("sdxl-tiny")
+    nets = inject_all(c, rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0)
+    u = nets["unet"].loras
+    # ldm names for SDXL; LoCon 3x3 down on ResBlock convs, linear rank on emb_layers / 1x1 skip
+    assert u["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"].lora_down.weight.shape == (4, 64)
+    assert u["lora_unet_middle_block_1_transformer_blocks_0_ff_net_0_proj"].lora_up.weight.shape == (1024, 4)
+    assert u["lora_unet_input_blocks_4_0_in_layers_2"].lora_down.weight.shape == (2, 32, 3, 3)
+    assert u["lora_unet_input_blocks_4_0_in_layers_2"].lora_up.weight.shape == (64, 2, 1, 1)
+    assert u["lora_unet_input_blocks_4_0_skip_connection"].lora_down.weight.shape == (4, 32, 1, 1)
+    assert u["lora_unet_input_blocks_4_0_emb_layers_1"].lora_down.weight.shape == (4, 128)
+    assert u["lora_unet_input_blocks_3_0_op"].lora_down.weight.shape == (2, 32, 3, 3)
+    assert u["lora_unet_output_blocks_2_2_conv"].scale == 0.5
+    assert u["lora_unet_output_blocks_5_1_proj_out"].scale == 0.5
+    assert "lora_unet_input_blocks_1_1_proj_in" not in u  # level 0 of SDXL has no transformer
+    te2 = nets["te2"].loras
+    assert set(te2) == {f"lora_te2_text_model_encoder_layers_{n}_{s}" for n in range(3)
+                        for s in ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj",
+                                  "self_attn_out_proj", "mlp_fc1", "mlp_fc2")}
+    assert set(nets["te1"].loras) == {k.replace("lora_te2_", "lora_te1_") for k in te2}
+
+    sd15 = tiny_components("sd15-tiny")
+    s = lora.inject(sd15.unet, "unet", 4, 4.0, conv_rank=2).loras
+    # diffusers-derived names for SD1.5 (kohya's SD1.x convention); 1x1 Conv proj_in
+    assert s["lora_unet_down_blocks_0_attentions_1_proj_in"].lora_down.weight.shape == (4, 32, 1, 1)
+    assert "lora_unet_down_blocks_1_resnets_0_conv_shortcut" in s
+    assert "lora_unet_down_blocks_0_downsamplers_0_conv" in s and "lora_unet_up_blocks_1_upsamplers_0_conv" in s
+    assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0" in s
+    assert "lora_unet_up_blocks_2_attentions_2_transformer_blocks_0_ff_net_2" in s
+    assert "lora_unet_up_blocks_0_resnets_2_time_emb_proj" in s
+
+
+def test_targets_patterns_and_errors():
+    c = tiny_components("sdxl-tiny")
+    n_blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in c.unet.modules())
+    net = lora.inject(c.unet, "unet", 2, 2.0, targets=["*.attn2.to_[kv]"])
+    assert n_blocks == 11 and sorted(net.loras)[:2] == [
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_v"]
+    assert len(net.loras) == 2 * n_blocks
+    with pytest.raises(lora.LoRAError, match="conv_rank"):
+        lora.inject(tiny_components("sdxl-tiny").unet, "unet", 2, 2.0, targets=["*.in_layers.2"])
+    with pytest.raises(lora.LoRAError, match="no unet module matches"):
+        lora.inject(tiny_components("sdxl-tiny").unet, "unet", 2, 2.0, targets=["*.nothing"])
+
+
+def test_only_lora_trains_and_base_is_bit_identical():
+    c = tiny_components("sdxl-tiny")
+    nets = inject_all(c, conv_rank=2, dropout=0.1)
+    params = [p for net in nets.values() for p in net.lora_parameters()]
+    trainable = {id(p) for part, m in c.items() for p in m.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in params}
+    randomize(nets.values())
+    frozen = {f"{part}.{k}": v.clone() for part, m in c.items() for k, v in m.state_dict().items() if "lora_" not in k}
+    before = [p.detach().clone() for p in params]
+
+    c.unet.train(), c.te1.train(), c.te2.train()
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    (inp, _) = unet_inputs(c.unet.cfg)
+    o1, o2 = c.te1(text_ids()), c.te2(text_ids())
+    ctx = torch.cat([o1.hidden, o2.hidden], dim=-1)[:, :8]
+    loss = c.unet(inp[0], inp[1], ctx, inp[3]).square().mean() + o1.last.square().mean() + o2.pooled.square().mean()
+    loss.backward()
+    opt.step()
+
+    after = {f"{part}.{k}": v for part, m in c.items() for k, v in m.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(after[k], frozen[k]) for k in frozen)
+    changed = [not torch.equal(p, q) for p, q in zip(params, before)]
+    assert all(changed)  # every down and up of unet, te1 and te2 (incl. the fused q/k/v) got a gradient
+
+
+def test_bf16_base_with_fp32_lora():
+    c = tiny_components("sdxl-tiny")
+    c.unet.to(torch.bfloat16)
+    net = lora.inject(c.unet, "unet", 4, 4.0, conv_rank=2)
+    randomize([net])
+    assert all(p.dtype == torch.float32 for p in net.lora_parameters())
+    inp, _ = unet_inputs(c.unet.cfg)
+    out = c.unet(*inp)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in net.lora_parameters())
+
+
+def test_full_size_names_are_kohyas_and_hit_real_checkpoint_keys():
+    """Real SDXL / SD1.5 sizes on the meta device: kohya's module counts (UNet 722 / 192, CLIP-L 72,
+    bigG 192) and every name is a real checkpoint weight under ComfyUI's naming rules."""
+    import json
+    from pathlib import Path
+
+    from eridiffusion.models.clip import CLIPTextConfig, CLIPTextModel, OpenCLIPTextConfig, OpenCLIPTextModel
+    from eridiffusion.models.unet import UNet, UNetConfig
+
+    fixtures = Path(__file__).parent / "fixtures"
+    with torch.device("meta"):
+        models = {"sdxl": UNet(UNetConfig.sdxl()), "sd15": UNet(UNetConfig.sd15()),
+                  "te1": CLIPTextModel(CLIPTextConfig.clip_l()), "te2": OpenCLIPTextModel(OpenCLIPTextConfig.bigg())}
+    counts = {k: len(lora.inject(m, "te1" if k == "te1" else k if k == "te2" else "unet", 8, 8.0).loras)
+              for k, m in models.items()}
+    assert counts == {"sdxl": 722, "sd15": 192, "te1": 72, "te2": 192}
+
+    for family in ("sdxl", "sd15"):
+        with torch.device("meta"):
+            unet = UNet(getattr(UNetConfig, family)())
+        net = lora.inject(unet, "unet", 8, 8.0, conv_rank=4)
+        real = dict(json.loads((fixtures / f"keys_unet_{family}.json").read_text())["keys"])
+        names = {"lora_unet_" + k[: -len(".weight")].replace(".", "_"): k for k in real if k.endswith(".weight")}
+        if family == "sd15":
+            names = {"lora_unet_" + d.replace(".", "_"): f"{ldm}.weight"
+                     for d, ldm in comfy_unet_to_diffusers(unet.cfg).items() if f"{ldm}.weight" in real}
+        for name, m in net.loras.items():
+            shape = real[names[name]]
+            assert [m.lora_up.weight.shape[0], *m.lora_down.weight.shape[1:]] == shape, name
+
+
+# -- files -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_apply_roundtrip(family, tmp_path):
+    c = tiny_components(family)
+    nets = inject_all(c, rank=4, alpha=3.0, conv_rank=2, conv_alpha=1.0)
+    randomize(nets.values())
+    trained = outputs(c)
+    meta = lora.lora_metadata(family, rank=4, alpha=3.0, steps=100, epoch=2, resolution=64, num_images=5,
+                              title="cat", conv_rank=2, conv_alpha=1.0)
+    path = tmp_path / "out" / "cat.safetensors"
+    lora.save_lora(path, list(nets.values()), metadata=meta, dtype=torch.float32)
+    assert [p.name for p in path.parent.iterdir()] == ["cat.safetensors"]  # no temp file left
+
+    with safe_open(str(path), "pt") as f:
+        keys, header = set(f.keys()), f.metadata()
+    names = {n for net in nets.values() for n in net.loras}
+    assert keys == {f"{n}.{s}" for n in names for s in ("lora_down.weight", "lora_up.weight", "alpha")}
+    sdxl = family.startswith("sdxl")
+    assert header["ss_network_module"] == "networks.lora" and header["ss_network_dim"] == "4"
+    assert header["ss_network_alpha"] == "3.0" and header["ss_v2"] == "False"
+    assert header["ss_base_model_version"] == ("sdxl_base_v1-0" if sdxl else "sd_v1")
+    assert header["modelspec.architecture"] == ("stable-diffusion-xl-v1-base/lora" if sdxl else "stable-diffusion-v1/lora")
+    assert header["modelspec.sai_model_spec"] == "1.0.0" and header["modelspec.resolution"] == "64x64"
+    assert header["modelspec.prediction_type"] == "epsilon" and header["modelspec.title"] == "cat"
+    assert header["ss_steps"] == "100" and header["ss_num_train_images"] == "5" and "modelspec.date" in header
+
+    weights, _ = lora.load_lora(path)
+    assert set(weights) == names and weights[next(iter(names))].alpha in (3.0, 1.0)
+
+    fresh = tiny_components(family)
+    base = outputs(fresh)
+    applied_nets = lora.apply_lora(fresh, path)
+    applied = outputs(fresh)
+    print(f"{family} applied file vs trained in memory: {max_diff(applied, trained):.2e}")
+    assert max_diff(applied, trained) <= 1e-5
+    for net in applied_nets.values():
+        net.remove()
+    assert max_diff(outputs(fresh), base) == 0.0
+
+    merged = tiny_components(family)
+    assert lora.apply_lora(merged, path, merge=True) == {}
+    print(f"{family} merged file vs trained in memory: {max_diff(outputs(merged), trained):.2e}")
+    assert max_diff(outputs(merged), trained) <= 1e-5
+
+    # resume: a second network with the same settings picks up the exact tensors
+    again = tiny_components(family)
+    nets2 = inject_all(again, rank=4, alpha=3.0, conv_rank=2, conv_alpha=1.0)
+    for net in nets2.values():
+        net.load_state_from_file(path)
+    assert max_diff(outputs(again), trained) == 0.0
+
+    # fp16 default: half the size, outputs within fp16 rounding of the trained ones
+    lora.save_lora(tmp_path / "half.safetensors", list(nets.values()))
+    half = tiny_components(family)
+    lora.apply_lora(half, tmp_path / "half.safetensors")
+    assert 0 < max_diff(outputs(half), trained) < 2e-3
+
+
+def test_several_files_with_scales(tmp_path):
+    c = tiny_components("sdxl-tiny")
+    paths = []
+    for seed, rank in ((1, 4), (2, 2)):
+        work = tiny_components("sdxl-tiny")
+        nets = inject_all(work, rank=rank, alpha=1.0)
+        randomize(nets.values(), seed=seed)
+        paths.append(tmp_path / f"l{seed}.safetensors")
+        lora.save_lora(paths[-1], list(nets.values()), dtype=torch.float32)
+    scales = (0.7, -0.4)
+
+    live = lora.apply_lora(c, paths, scale=scales)
+    stacked = outputs(c)
+    ref = tiny_components("sdxl-tiny")
+    lora.apply_lora(ref, paths, scale=scales, merge=True)
+    print(f"two files stacked vs merged: {max_diff(stacked, outputs(ref)):.2e}")
+    assert max_diff(stacked, outputs(ref)) <= 1e-5
+    # the networks' multiplier scales every file's strength
+    for net in live.values():
+        net.set_multiplier(2.0)
+    ref2 = tiny_components("sdxl-tiny")
+    lora.apply_lora(ref2, paths, scale=[2 * s for s in scales], merge=True)
+    assert max_diff(outputs(c), outputs(ref2)) <= 1e-5
+    assert max_diff(outputs(c), stacked) > 1e-2
+
+
+def test_unmatched_keys_are_one_line_error(tmp_path):
+    sd15 = tiny_components("sd15-tiny")
+    lora.save_lora(tmp_path / "sd15.safetensors", list(inject_all(sd15).values()))
+    with pytest.raises(lora.LoRAError) as e:
+        lora.apply_lora(tiny_components("sdxl-tiny"), tmp_path / "sd15.safetensors")
+    msg = str(e.value)
+    assert "\n" not in msg and "sd15.safetensors" in msg and "lora_" in msg and "another base model" in msg
+
+
+# -- diffusers reads our file (its own kohya converter + peft) -------------------------------
+
+
+def diffusers_unet(unet):
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    cfg = unet.cfg
+    levels = len(cfg.channel_mult)
+    down = ["CrossAttnDownBlock2D" if d else "DownBlock2D" for d in cfg.transformer_depth]
+    up = ["CrossAttnUpBlock2D" if d else "UpBlock2D" for d in reversed(cfg.transformer_depth)]
+    config = dict(
+        sample_size=16, in_channels=4, out_channels=4, down_block_types=down, up_block_types=up,
+        block_out_channels=[cfg.model_channels * m for m in cfg.channel_mult], layers_per_block=cfg.num_res_blocks,
+        transformer_layers_per_block=[max(d, 1) for d in cfg.transformer_depth], attention_head_dim=list(cfg.num_heads),
+        cross_attention_dim=cfg.context_dim, use_linear_projection=cfg.use_linear, norm_num_groups=32,
+    )
+    assert len(down) == levels
+    if cfg.adm_in_channels is not None:
+        config.update(addition_embed_type="text_time", addition_time_embed_dim=cfg.addition_time_embed_dim,
+                      projection_class_embeddings_input_dim=cfg.adm_in_channels)
+    state = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
+    ref = UNet2DConditionModel(**config).eval()
+    ref.load_state_dict(convert_ldm_unet_checkpoint(state, config), strict=True)
+    return ref
+
+
+def hf_clip(te1):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = te1.cfg
+    ref = CLIPTextModel(CLIPTextConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads, max_position_embeddings=cfg.max_positions, hidden_act=cfg.act,
+        layer_norm_eps=cfg.eps, eos_token_id=49407,
+    )).eval()
+    return load_hf(ref, te1.state_dict())
+
+
+def load_hf(ref, sd: dict):
+    """Strict load into a transformers CLIP model (transformers 5 drops the `text_model.` prefix
+    of CLIPTextModel; the buffer `position_ids` is the model's own)."""
+    if not any(k.startswith("text_model.") for k in ref.state_dict()):
+        sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+    missing, unexpected = ref.load_state_dict(sd, strict=False)
+    assert unexpected == [] and all("position_ids" in k for k in missing), (missing, unexpected)
+    return ref
+
+
+def openclip_to_hf(sd: dict, prefix: str = "") -> dict:
+    """open_clip text keys -> transformers CLIP keys: ComfyUI `comfy/utils.py`
+    `transformers_convert` + `clip_text_transformers_convert` (commit 2ba5cc8b): in_proj rows
+    split into q, k, v; c_fc/c_proj -> fc1/fc2; text_projection transposed into a Linear weight."""
+    renames = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
+               "attn.out_proj": "self_attn.out_proj"}
+    out = {}
+    for k, v in sd.items():
+        if k == "token_embedding.weight":
+            out[prefix + "text_model.embeddings.token_embedding.weight"] = v
+        elif k == "positional_embedding":
+            out[prefix + "text_model.embeddings.position_embedding.weight"] = v
+        elif k.startswith("ln_final."):
+            out[prefix + "text_model.final_layer_norm." + k.split(".")[-1]] = v
+        elif k == "text_projection":
+            out[prefix + "text_projection.weight"] = v.t().contiguous()
+        else:
+            _, _, n, rest = k.split(".", 3)
+            layer = f"{prefix}text_model.encoder.layers.{n}."
+            if rest.startswith("attn.in_proj_"):
+                end = rest.rsplit("_", 1)[1]
+                for q, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3)):
+                    out[f"{layer}self_attn.{q}.{end}"] = part
+            else:
+                mod, end = rest.rsplit(".", 1)
+                out[f"{layer}{renames[mod]}.{end}"] = v
+    return out
+
+
+def hf_clip_g(te2):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    cfg = te2.cfg
+    ref = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads, max_position_embeddings=cfg.max_positions, hidden_act=cfg.act,
+        layer_norm_eps=cfg.eps, projection_dim=cfg.proj_dim, eos_token_id=49407,
+    )).eval()
+    return load_hf(ref, openclip_to_hf(te2.state_dict()))
+
+
+@torch.no_grad()
+def hf_text(ref, ids):
+    o = ref(ids, output_hidden_states=True)
+    pooled = o.text_embeds if hasattr(o, "text_embeds") else o.pooler_output
+    return torch.cat([o.hidden_states[-2].flatten(1), o.last_hidden_state.flatten(1), pooled], dim=1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_diffusers_loads_our_file(family, tmp_path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline if family == "sdxl-tiny" else StableDiffusionPipeline
+    c = tiny_components(family)
+    refs = {"unet": diffusers_unet(c.unet), "te1": hf_clip(c.te1)}
+    if c.te2 is not None:
+        refs["te2"] = hf_clip_g(c.te2)
+    (x, t, ctx, *_), extra = unet_inputs(c.unet.cfg)
+    kw = {"added_cond_kwargs": {"text_embeds": extra["pooled"], "time_ids": extra["time_ids"]}} if extra else {}
+
+    def ref_outputs():
+        with torch.no_grad():
+            out = {"unet": refs["unet"](x, t, encoder_hidden_states=ctx, **kw).sample}
+        out.update({p: hf_text(refs[p], text_ids()) for p in ("te1", "te2") if p in refs})
+        return out
+
+    base = outputs(c)
+    assert max_diff(ref_outputs(), base) <= 1e-5  # the twins agree before any LoRA
+    nets = inject_all(c, rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0)
+    randomize(nets.values())
+    ours = outputs(c)
+    path = tmp_path / "ours.safetensors"
+    lora.save_lora(path, list(nets.values()), dtype=torch.float32)
+
+    state, alphas = pipe.lora_state_dict(str(path), unet_config=refs["unet"].config)
+    pipe.load_lora_into_unet(state, alphas, unet=refs["unet"])
+    pipe.load_lora_into_text_encoder(state, alphas, text_encoder=refs["te1"], prefix="text_encoder")
+    if "te2" in refs:
+        pipe.load_lora_into_text_encoder(state, alphas, text_encoder=refs["te2"], prefix="text_encoder_2")
+    theirs = ref_outputs()
+    for part, ref in refs.items():  # peft wrapped exactly the layers we adapt: no key was dropped
+        n_peft = sum(type(m).__module__.startswith("peft.") and hasattr(m, "lora_A") for m in ref.modules())
+        assert n_peft == len(nets["te" if part == "te1" and c.te2 is None else part].loras), part
+    for part in ours:
+        d = (theirs[part] - ours[part]).abs().max().item()
+        print(f"{family} {part}: diffusers+peft vs ours with LoRA {d:.2e} (LoRA effect {(ours[part] - base[part]).abs().max():.2e})")
+        assert (ours[part] - base[part]).abs().max() > 1e-2
+        assert d <= 1e-5
+
+
+# -- ComfyUI's key mapping, re-implemented -------------------------------------------------
+# comfyanonymous/ComfyUI comfy/lora.py @ 41444b52 (`model_lora_keys_unet`, `model_lora_keys_clip`,
+# `load_lora`, LORA_CLIP_MAP) and comfy/utils.py @ 2ba5cc8b (`unet_to_diffusers`).
+
+LORA_CLIP_MAP = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
+                 "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
+                 "self_attn.out_proj": "self_attn_out_proj"}
+RESNET = {"in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.3": "conv2",
+          "skip_connection": "conv_shortcut", "in_layers.0": "norm1", "out_layers.0": "norm2"}
+ATTN = ["proj_in", "proj_out", "norm"]
+BLOCK = ["norm1", "norm2", "norm3", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+         "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2"]
+
+
+def comfy_unet_to_diffusers(cfg) -> dict[str, str]:
+    """diffusers module -> ldm module (no .weight/.bias suffix), as ComfyUI's `unet_to_diffusers`."""
+    nrb, levels = cfg.num_res_blocks, len(cfg.channel_mult)
+    depth = [d for d in cfg.transformer_depth for _ in range(nrb)]
+    depth_out = [d for d in cfg.transformer_depth for _ in range(nrb + 1)]
+    m = {}
+    for x in range(levels):
+        n = 1 + (nrb + 1) * x
+        for i in range(nrb):
+            m.update({f"down_blocks.{x}.resnets.{i}.{d}": f"input_blocks.{n}.0.{b}" for b, d in RESNET.items()})
+            t = depth.pop(0)
+            if t:
+                m.update({f"down_blocks.{x}.attentions.{i}.{b}": f"input_blocks.{n}.1.{b}" for b in ATTN})
+                for j in range(t):
+                    m.update({f"down_blocks.{x}.attentions.{i}.transformer_blocks.{j}.{b}":
+                              f"input_blocks.{n}.1.transformer_blocks.{j}.{b}" for b in BLOCK})
+            n += 1
+        m[f"down_blocks.{x}.downsamplers.0.conv"] = f"input_blocks.{n}.0.op"
+    m.update({f"mid_block.attentions.0.{b}": f"middle_block.1.{b}" for b in ATTN})
+    for j in range(cfg.transformer_depth_middle):
+        m.update({f"mid_block.attentions.0.transformer_blocks.{j}.{b}": f"middle_block.1.transformer_blocks.{j}.{b}"
+                  for b in BLOCK})
+    for i, n in enumerate([0, 2]):
+        m.update({f"mid_block.resnets.{i}.{d}": f"middle_block.{n}.{b}" for b, d in RESNET.items()})
+    for x in range(levels):
+        n = (nrb + 1) * x
+        for i in range(nrb + 1):
+            c = 1
+            m.update({f"up_blocks.{x}.resnets.{i}.{d}": f"output_blocks.{n}.0.{b}" for b, d in RESNET.items()})
+            t = depth_out.pop()
+            if t:
+                c += 1
+                m.update({f"up_blocks.{x}.attentions.{i}.{b}": f"output_blocks.{n}.1.{b}" for b in ATTN})
+                for j in range(t):
+                    m.update({f"up_blocks.{x}.attentions.{i}.transformer_blocks.{j}.{b}":
+                              f"output_blocks.{n}.1.transformer_blocks.{j}.{b}" for b in BLOCK})
+            if i == nrb:
+                m[f"up_blocks.{x}.upsamplers.0.conv"] = f"output_blocks.{n}.{c}.conv"
+            n += 1
+    m.update({"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
+              "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+              "add_embedding.linear_2": "label_emb.0.2"})
+    return m
+
+
+def comfy_state(c) -> dict[str, torch.Tensor]:
+    """The model state dict ComfyUI patches: `diffusion_model.*`, `clip_l.transformer.*`, `clip_g.transformer.*`."""
+    sd = {"diffusion_model." + k: v.clone() for k, v in c.unet.state_dict().items()}
+    sd.update({"clip_l.transformer." + k: v.clone() for k, v in c.te1.state_dict().items()})
+    if c.te2 is not None:
+        sd.update({k: v.clone() for k, v in openclip_to_hf(c.te2.state_dict(), "clip_g.transformer.").items()})
+    return sd
+
+
+def comfy_key_map(c, sdk) -> dict[str, str]:
+    key_map = {}
+    for k in sdk:  # model_lora_keys_unet, ldm names
+        if k.startswith("diffusion_model.") and k.endswith(".weight"):
+            key_map["lora_unet_" + k[len("diffusion_model."):-len(".weight")].replace(".", "_")] = k
+    for dk, ldm in comfy_unet_to_diffusers(c.unet.cfg).items():  # and diffusers-derived names
+        key_map["lora_unet_" + dk.replace(".", "_")] = f"diffusion_model.{ldm}.weight"
+    clip_l_present = False  # model_lora_keys_clip
+    for b in range(32):
+        for hf, kohya in LORA_CLIP_MAP.items():
+            k = f"clip_l.transformer.text_model.encoder.layers.{b}.{hf}.weight"
+            if k in sdk:
+                key_map[f"lora_te_text_model_encoder_layers_{b}_{kohya}"] = k
+                key_map[f"lora_te1_text_model_encoder_layers_{b}_{kohya}"] = k
+                clip_l_present = True
+            k = f"clip_g.transformer.text_model.encoder.layers.{b}.{hf}.weight"
+            if k in sdk and clip_l_present:
+                key_map[f"lora_te2_text_model_encoder_layers_{b}_{kohya}"] = k
+    return key_map
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_comfyui_maps_every_key_and_patches_the_same_weights(family, tmp_path):
+    c = tiny_components(family)
+    nets = inject_all(c, rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0)
+    randomize(nets.values())
+    ours = outputs(c)
+    path = tmp_path / "ours.safetensors"
+    lora.save_lora(path, list(nets.values()), dtype=torch.float32)
+    with safe_open(str(path), "pt") as f:
+        file = {k: f.get_tensor(k) for k in f.keys()}
+
+    fresh = tiny_components(family)
+    sd = comfy_state(fresh)
+    key_map = comfy_key_map(fresh, set(sd))
+    loaded, strength = set(), 1.0
+    for name, target in key_map.items():  # comfy/lora.py load_lora + the "lora" weight patch
+        if f"{name}.lora_up.weight" not in file:
+            continue
+        up, down, alpha = file[f"{name}.lora_up.weight"], file[f"{name}.lora_down.weight"], file[f"{name}.alpha"]
+        loaded |= {f"{name}.lora_up.weight", f"{name}.lora_down.weight", f"{name}.alpha"}
+        assert target in sd, target
+        w = sd[target]
+        assert up.shape[0] * math.prod(down.shape[1:]) == w.numel(), name
+        w += strength * (alpha.item() / down.shape[0]) * (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
+    not_loaded = sorted(set(file) - loaded)
+    assert not_loaded == []  # ComfyUI would log "lora key not loaded" for each of these
+
+    # back into our layout: the ComfyUI-patched weights give the outputs of our LoRA
+    fresh.unet.load_state_dict({k[len("diffusion_model."):]: v for k, v in sd.items() if k.startswith("diffusion_model.")})
+    fresh.te1.load_state_dict({k[len("clip_l.transformer."):]: v for k, v in sd.items() if k.startswith("clip_l.")})
+    if fresh.te2 is not None:
+        te2 = copy.deepcopy(fresh.te2.state_dict())
+        g = "clip_g.transformer.text_model.encoder.layers."
+        for n in range(fresh.te2.cfg.layers):
+            for end in ("weight", "bias"):
+                te2[f"transformer.resblocks.{n}.attn.in_proj_{end}"] = torch.cat(
+                    [sd[f"{g}{n}.self_attn.{p}.{end}"] for p in ("q_proj", "k_proj", "v_proj")])
+            for ours_name, hf in (("attn.out_proj", "self_attn.out_proj"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+                for end in ("weight", "bias"):
+                    te2[f"transformer.resblocks.{n}.{ours_name}.{end}"] = sd[f"{g}{n}.{hf}.{end}"]
+        fresh.te2.load_state_dict(te2)
+    d = max_diff(outputs(fresh), ours)
+    print(f"{family}: ComfyUI-style patched weights vs our LoRA {d:.2e}")
+    assert d <= 1e-5
