@@ -1,0 +1,324 @@
+"""VAE encode and 30-step sampling at 1024²: ours against diffusers on the same random weights, in one run.
+
+    encode:   VAE encode of (B, 3, 1024, 1024) for B = 1 and 4 → img/s, peak GiB
+    sampling: 30 DPM++ 2M steps, CFG 7 (UNet batch 2: uncond + cond), then the VAE decode,
+              timed apart (the denoising loop, the decode) and whole (`Pipeline.generate`
+              with PIL output) → seconds per image, peak GiB
+
+Ours runs `eridiffusion.samplers` (Denoiser, cfg_model, sample_dpmpp_2m, as the pipeline
+calls them) and `Pipeline.decode`; the peer is diffusers `UNet2DConditionModel` +
+`DPMSolverMultistepScheduler` in the StableDiffusionXLPipeline loop and diffusers
+`AutoencoderKL`, loaded (strict) from our weights through diffusers' own ldm converters.
+Both in bf16, on random weights at the full SDXL shapes (text encoders are not part of it:
+the conditioning is random). Timing by CUDA events after warm-up; one model set on the GPU
+at a time. `time_ratio_ours_over_peer` < 1 means ours is faster. diffusers is optional.
+
+    python bench/vae_sample.py --out bench/results/vae_sample.json   # CUDA, full SDXL shapes
+    python bench/vae_sample.py --tiny --out /tmp/vs.json             # CPU smoke test (tiny models)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from common import (  # noqa: I001 (also puts the repo root on sys.path)
+    emit, environment, free, median, peak_gib, print_table, random_part, reset_peak, resolve_device, sync,
+    time_calls, write_json,
+)
+from train_step import DIFFUSERS_SDXL
+from eridiffusion import checkpoint, diffusion, samplers
+from eridiffusion.pipeline import Pipeline, to_pil
+
+# diffusers twin of UNetConfig.tiny(): `attention_head_dim` is diffusers' name for the number of heads.
+DIFFUSERS_TINY_SDXL = dict(
+    sample_size=8, in_channels=4, out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 64, 128), layers_per_block=2, transformer_layers_per_block=(1, 1, 1),
+    attention_head_dim=(2, 4, 8), cross_attention_dim=96, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=32, projection_class_embeddings_input_dim=256,
+)  # fmt: skip
+# SDXL base's scheduler settings (scheduler_config.json) with DPM-Solver++(2M).
+DPMPP_2M = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+                timestep_spacing="leading", steps_offset=1, solver_order=2, algorithm_type="dpmsolver++")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Settings:
+    size: int  # square images, pixels
+    steps: int
+    cfg: float
+    batches: tuple[int, ...]  # VAE encode batch sizes
+    warmup: int
+    repeats: int
+    seed: int = 0
+
+    @classmethod
+    def full(cls, steps: int = 30, repeats: int = 3) -> Settings:
+        return cls(1024, steps, 7.0, (1, 4), 2, repeats)
+
+    @classmethod
+    def tiny(cls, steps: int = 3, repeats: int = 1) -> Settings:
+        return cls(64, steps, 7.0, (1, 2), 1, repeats)
+
+
+def diffusers_vae_config(family: checkpoint.Family) -> dict:
+    v = family.vae
+    n = len(v.ch_mult)
+    return dict(in_channels=v.in_channels, out_channels=v.out_ch, down_block_types=["DownEncoderBlock2D"] * n,
+                up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=[v.ch * m for m in v.ch_mult],
+                layers_per_block=v.num_res_blocks, latent_channels=v.z_channels, norm_num_groups=v.num_groups,
+                scaling_factor=v.scaling_factor)  # fmt: skip
+
+
+@dataclass
+class Inputs:
+    """The same conditioning, start noise and test batches for both implementations (CPU, fp32)."""
+
+    context: torch.Tensor  # (1, 77, D)
+    pooled: torch.Tensor  # (1, P)
+    noise: torch.Tensor  # (1, 4, h, w): pipeline.generate draws the same from its seed
+    images: torch.Tensor  # (max batch, 3, H, W) in [-1, 1]
+    probe_x: torch.Tensor  # (2, 4, h, w): one UNet forward for the parity figure
+    probe_t: torch.Tensor  # (2,)
+
+    @classmethod
+    def make(cls, family: checkpoint.Family, s: Settings) -> Inputs:
+        u = family.unet
+        h = s.size // family.vae.factor
+        pooled_dim = u.adm_in_channels - 6 * u.addition_time_embed_dim
+        g = torch.Generator().manual_seed(s.seed + 1)
+        noise = torch.randn((1, u.in_channels, h, h), generator=torch.Generator().manual_seed(s.seed))
+        return cls(torch.randn(1, 77, u.context_dim, generator=g), torch.randn(1, pooled_dim, generator=g), noise,
+                   torch.rand(max(s.batches), 3, s.size, s.size, generator=g) * 2 - 1,
+                   torch.randn(2, u.in_channels, h, h, generator=g), torch.tensor([999.0, 500.0]))  # fmt: skip
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float().cpu() - b.float().cpu()).abs().max().item()
+
+
+def scale(t: torch.Tensor) -> float:
+    return t.float().abs().max().item()
+
+
+def sample_row(impl: str, op: str, times: list[float], device, s: Settings, **extra) -> dict:
+    sec = median(times)
+    return {"impl": impl, "op": op, "size": s.size, "steps": s.steps, "cfg": s.cfg, "unet_batch": 2,
+            "s_per_image": sec, "peak_gib": peak_gib(device), "runs": len(times), **extra}  # fmt: skip
+
+
+def timed(fn, device, s: Settings, warmup: int | None = None) -> list[float]:
+    for _ in range(s.warmup if warmup is None else warmup):
+        fn()
+    sync(device)
+    reset_peak(device)
+    return time_calls(fn, device, s.repeats)
+
+
+def bench_encode(impl: str, encode, inp: Inputs, device, dtype, s: Settings, rows: list[dict]) -> torch.Tensor:
+    """Rows for each batch size; returns the batch-1 posterior mean (for the parity figure)."""
+    first = None
+    for b in s.batches:
+        x = inp.images[:b].to(device, dtype)
+        with torch.no_grad():
+            times = timed(lambda: encode(x), device, s)
+            if first is None:
+                first = encode(x[:1]).float().cpu()
+        sec = median(times)
+        emit({"impl": impl, "op": "vae_encode", "size": s.size, "batch": b, "s_per_batch": sec, "img_per_s": b / sec,
+              "peak_gib": peak_gib(device), "runs": len(times)}, rows)  # fmt: skip
+        free(device)
+    return first
+
+
+# ---------------------------------------------------------------- ours
+def run_ours(family, device, dtype, inp: Inputs, s: Settings, rows: list[dict], keep_weights: bool) -> dict:
+    unet = random_part(family, "unet", device, dtype, seed=s.seed)
+    vae = random_part(family, "vae", device, dtype, seed=s.seed + 1000)
+    weights = {"unet": {k: v.cpu() for k, v in unet.state_dict().items()},
+               "vae": {k: v.cpu() for k, v in vae.state_dict().items()}} if keep_weights else {}  # fmt: skip
+    free(device)
+    impl = "eridiffusion"
+    out = {"encode": bench_encode(impl, lambda x: vae.encode(x).mean, inp, device, dtype, s, rows)}
+
+    # text encoders are not benchmarked: built on meta, they take no memory
+    comps = checkpoint.Components(family, unet=unet, vae=vae, te1=family.build("te1", "meta"),
+                                  te2=family.build("te2", "meta"))  # fmt: skip
+    pipe = Pipeline(comps)
+    size = (s.size, s.size)
+    cond = {"context": inp.context.to(device, dtype), "pooled": inp.pooled.to(device, dtype)}
+    uncond = {k: torch.zeros_like(v) for k, v in cond.items()}  # empty negative prompt: zeros (SDXL)
+    ac = diffusion.alphas_cumprod(diffusion.scaled_linear_betas()).to(device)
+    sigmas = samplers.sigmas_for(s.steps, ac, sampler="dpmpp_2m")
+    model = samplers.cfg_model(samplers.Denoiser(unet, ac, pipe.prediction), pipe.unet_inputs(cond, size),
+                               pipe.unet_inputs(uncond, size), s.cfg)  # fmt: skip
+    x_start = inp.noise.to(device) * (sigmas[0] ** 2 + 1) ** 0.5  # as Pipeline.generate starts
+
+    with torch.no_grad():
+        y = pipe.unet_inputs(cond, size)["y"]
+        out["forward"] = unet(inp.probe_x.to(device, dtype), inp.probe_t.to(device), cond["context"].expand(2, -1, -1),
+                              y.expand(2, -1)).float().cpu()  # fmt: skip
+        result = {}
+
+        def loop():
+            result["latents"] = samplers.sample_dpmpp_2m(model, x_start, sigmas)
+
+        emit(sample_row(impl, "sample_loop", timed(loop, device, s, warmup=1), device, s), rows)
+        out["latents"] = result["latents"].float().cpu()
+        latents = result["latents"]
+        emit(sample_row(impl, "vae_decode", timed(lambda: pipe.decode(latents), device, s), device, s), rows)
+
+        def total():
+            pipe.generate(cond, uncond, [s.seed], s.steps, s.cfg, "dpmpp_2m", False, size)
+
+        emit(sample_row(impl, "total (generate, PIL)", timed(total, device, s, warmup=0), device, s), rows)
+    out["weights"] = weights
+    del pipe, comps, model, unet, vae, result, latents
+    free(device)
+    return out
+
+
+# ---------------------------------------------------------------- diffusers
+def run_peer(family, device, dtype, inp: Inputs, s: Settings, rows: list[dict], weights: dict, ours: dict) -> None:
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+    from diffusers.image_processor import VaeImageProcessor
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+    impl = "diffusers"
+    ucfg = DIFFUSERS_TINY_SDXL if family.name == "sdxl-tiny" else DIFFUSERS_SDXL
+    vcfg = diffusers_vae_config(family)
+    unet_sd = convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v for k, v in weights["unet"].items()}, ucfg)
+    vae_sd = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in weights["vae"].items()}, vcfg)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**ucfg).to(dtype)
+        vae = AutoencoderKL(**vcfg).to(dtype)
+    unet.load_state_dict(unet_sd, strict=True)
+    vae.load_state_dict(vae_sd, strict=True)
+    unet.eval().requires_grad_(False)
+    vae.eval().requires_grad_(False)
+    del unet_sd, vae_sd
+    free(device)
+
+    enc = bench_encode(impl, lambda x: vae.encode(x).latent_dist.mean, inp, device, dtype, s, rows)
+    ctx = torch.cat([torch.zeros_like(inp.context), inp.context]).to(device, dtype)  # [uncond, cond]
+    pooled = torch.cat([torch.zeros_like(inp.pooled), inp.pooled]).to(device, dtype)
+    time_ids = torch.tensor([[s.size, s.size, 0, 0, s.size, s.size]] * 2, device=device, dtype=dtype)
+    added = {"text_embeds": pooled, "time_ids": time_ids}
+    scheduler = DPMSolverMultistepScheduler(**DPMPP_2M)
+    processor = VaeImageProcessor(vae_scale_factor=family.vae.factor)
+
+    with torch.no_grad():
+        fwd = unet(inp.probe_x.to(device, dtype), inp.probe_t.to(device), ctx[1:].expand(2, -1, -1),
+                   added_cond_kwargs={"text_embeds": pooled[1:].expand(2, -1), "time_ids": time_ids},
+                   return_dict=False)[0].float().cpu()  # fmt: skip
+        result = {}
+
+        def loop():  # StableDiffusionXLPipeline.__call__'s denoising loop
+            scheduler.set_timesteps(s.steps, device=device)
+            lat = inp.noise.to(device, dtype) * scheduler.init_noise_sigma
+            for t in scheduler.timesteps:
+                x_in = scheduler.scale_model_input(torch.cat([lat, lat]), t)
+                eps = unet(x_in, t, encoder_hidden_states=ctx, added_cond_kwargs=added, return_dict=False)[0]
+                eps_u, eps_c = eps.chunk(2)
+                lat = scheduler.step(eps_u + s.cfg * (eps_c - eps_u), t, lat, return_dict=False)[0]
+            result["latents"] = lat
+
+        emit(sample_row(impl, "sample_loop", timed(loop, device, s, warmup=1), device, s), rows)
+        latents = result["latents"]
+
+        def decode():
+            return vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+
+        emit(sample_row(impl, "vae_decode", timed(decode, device, s), device, s), rows)
+
+        def total():
+            loop()
+            processor.postprocess(vae.decode(result["latents"] / vae.config.scaling_factor, return_dict=False)[0],
+                                  output_type="pil")  # fmt: skip
+
+        emit(sample_row(impl, "total (generate, PIL)", timed(total, device, s, warmup=0), device, s), rows)
+
+    emit({"impl": "parity", "op": "same weights, ours vs diffusers",
+          "vae_encode_max_abs_diff": max_diff(ours["encode"], enc), "vae_encode_max_abs": scale(enc),
+          "unet_forward_max_abs_diff": max_diff(ours["forward"], fwd), "unet_forward_max_abs": scale(fwd),
+          "final_latents_max_abs_diff": max_diff(ours["latents"], result["latents"]),
+          "final_latents_max_abs": scale(result["latents"]), "dtype": str(dtype).removeprefix("torch.")}, rows)  # fmt: skip
+    del unet, vae, result, latents
+    free(device)
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """time_ratio_ours_over_peer on each of our rows that diffusers also measured (< 1: ours is faster)."""
+    def key(r):
+        return r.get("op"), r.get("batch")
+
+    peer = {key(r): r for r in rows if r.get("impl") == "diffusers"}
+    for r in rows:
+        p = peer.get(key(r))
+        if r.get("impl") == "eridiffusion" and p is not None:
+            field = "s_per_batch" if r["op"] == "vae_encode" else "s_per_image"
+            r["time_ratio_ours_over_peer"] = r[field] / p[field]
+            r["peak_ratio_ours_over_peer"] = r["peak_gib"] / p["peak_gib"] if p["peak_gib"] else None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny SDXL-layout models at 64² (CPU smoke test)")
+    ap.add_argument("--device", default="auto", help="auto = cuda (cpu with --tiny)")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--steps", type=int, default=None, help="sampling steps (default 30; 3 with --tiny)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 3; 1 with --tiny)")
+    ap.add_argument("--peer", default="auto", choices=("auto", "yes", "no"), help="also run diffusers")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = resolve_device(args.device, args.tiny)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(args.dtype)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    make = Settings.tiny if args.tiny else Settings.full
+    s = make(**{k: v for k, v in (("steps", args.steps), ("repeats", args.repeats)) if v is not None})
+    family = checkpoint.FAMILIES["sdxl-tiny" if args.tiny else "sdxl"]
+    if device.type == "cuda":
+        from eridiffusion.speed import set_fast_math
+
+        set_fast_math()
+
+    peer, note = args.peer != "no", None
+    if peer:
+        try:
+            import diffusers  # noqa: F401
+        except ImportError:
+            if args.peer == "yes":
+                raise
+            peer, note = False, "diffusers is not importable: peer rows skipped"
+    env = {**environment(device), "family": family.name, "dtype": str(dtype).removeprefix("torch."),
+           "settings": s.__dict__, "peer": peer, "note": note}  # fmt: skip
+    print(json.dumps({"env": env}), flush=True)
+    rows: list[dict] = []
+    inp = Inputs.make(family, s)
+    ours = run_ours(family, device, dtype, inp, s, rows, keep_weights=peer)
+    if peer:
+        run_peer(family, device, dtype, inp, s, rows, ours.pop("weights"), ours)
+    add_ratios(rows)
+    write_json(args.out, env, rows)
+    print()
+    if note:
+        print(note)
+    print_table([r for r in rows if r["impl"] != "parity"],
+                [("impl", 12), ("op", 22), ("batch", 5), ("s_per_image", 11), ("s_per_batch", 11), ("img_per_s", 9),
+                 ("peak_gib", 8), ("time_ratio_ours_over_peer", 25)])  # fmt: skip
+    for r in rows:
+        if r["impl"] == "parity":
+            print("parity (max abs diff / max abs):", ", ".join(
+                f"{k.removesuffix('_max_abs_diff')} {r[k]:.3g} / {r[k.removesuffix('_diff')]:.3g}"
+                for k in r if k.endswith("_max_abs_diff")))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,415 @@
+"""Training configuration: frozen dataclasses loaded from a commented TOML file.
+
+One dataclass per TOML section (`[model]`, `[data]`, `[lora]`, `[optim]`, `[train]`,
+`[cache]`, `[save]`, `[log]`, `[sample]`); `TrainConfig` holds one of each. Values come
+from the file, then from command-line overrides `section.field=value` (TOML value syntax;
+a bare word is taken as a string, so `model.path=/models/x.safetensors` needs no quotes).
+Every problem is a `ConfigError` whose message is one line naming the key, what was
+expected and how to fix it. Every field is documented in docs/config.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A one-line user-facing problem with a config file or override."""
+
+
+# ---------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""  # single-file checkpoint (.safetensors)
+    family: Literal["auto", "sdxl", "sd15", "sdxl-tiny", "sd15-tiny"] = "auto"
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # frozen weights; LoRA params stay fp32
+    allow_pickle: bool = False
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dir: str = ""
+    resolution: int = 1024  # bucket area = resolution²
+    bucket_step: int = 64
+    bucket_min: int = 512
+    bucket_max: int = 2048
+    repeats: int = 1  # for images not in a kohya `N_name` folder
+    caption_ext: str = ".txt"
+    default_caption: str = ""  # "" = use the file stem
+    caption_dropout: float = 0.0
+    shuffle_tags: bool = False
+    keep_tags: int = 0
+    random_crop: bool = False
+    flip: bool = False
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 16
+    alpha: float = 16.0
+    conv_rank: int = 0  # 0 = no LoCon on ResBlock convs
+    conv_alpha: float = 0.0  # 0 = same as conv_rank
+    dropout: float = 0.0
+    unet_targets: tuple[str, ...] = ()  # () = lora.py's default attention/ff/proj set
+    train_text_encoder: bool = False
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    unet_lr: float = 1e-4
+    text_encoder_lr: float = 5e-5
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    batch_size: int = 1
+    grad_accum: int = 1
+    max_steps: int = 1000  # optimizer steps; 0 = run `epochs` epochs
+    epochs: int = 0  # 0 = no epoch limit
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    prediction: Literal["auto", "epsilon", "v_prediction"] = "auto"
+    noise_offset: float = 0.0
+    min_snr_gamma: float = 0.0  # 0 = plain MSE
+    device: str = "auto"  # auto = cuda if available else cpu
+    resume: bool = False
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    latents: bool = True
+    text: bool = True  # ignored (off) while the text encoder is trained
+    dir: str = ""  # "" = <save.output_dir>/cache
+
+
+@dataclass(frozen=True)
+class SaveConfig:
+    output_dir: str = "runs/lora"
+    every_n_steps: int = 0  # 0 = only at the end
+    save_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    name: str = "lora"  # file stem and modelspec title
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every: int = 10  # steps between loss.csv rows / progress-bar updates
+    tensorboard: bool = True
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    prompts: tuple[str, ...] = ()
+    negative: str = ""
+    seeds: tuple[int, ...] = ()
+    every_n_steps: int = 0
+    steps: int = 30
+    cfg: float = 7.0
+    sampler: Literal["euler", "euler_a", "dpmpp_2m", "ddim"] = "euler"
+    size: tuple[int, int] = (1024, 1024)  # width, height
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "lora": LoRAConfig,
+    "optim": OptimConfig,
+    "train": TrainSection,
+    "cache": CacheConfig,
+    "save": SaveConfig,
+    "log": LogConfig,
+    "sample": SampleConfig,
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    save: SaveConfig = field(default_factory=SaveConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    @classmethod
+    def sdxl(cls) -> TrainConfig:
+        """Defaults for an SDXL base LoRA (1024² buckets)."""
+        return cls()
+
+    @classmethod
+    def sd15(cls) -> TrainConfig:
+        """Defaults for an SD1.5 LoRA (512² buckets)."""
+        return cls.from_dict(
+            {
+                "data": {"resolution": 512, "bucket_min": 256, "bucket_max": 1024},
+                "sample": {"size": [512, 512]},
+            }
+        )
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a nested dict (as TOML parses it), checking names, types and values."""
+        sections = {}
+        for name, value in raw.items():
+            if name not in SECTIONS:
+                raise ConfigError(f"{source}: unknown section [{name}]{_suggest(name, SECTIONS)}")
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: [{name}] must be a table of fields, got {value!r}")
+            sections[name] = _build_section(SECTIONS[name], name, value, source)
+        cfg = cls(**sections)
+        cfg.validate(source)
+        return cfg
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+        """Load a TOML file and apply `section.field=value` overrides on top."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        return cls.from_dict(apply_overrides(raw, overrides), source=path)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict (tuples as lists), the inverse of `from_dict`."""
+        out = {}
+        for name in SECTIONS:
+            sec = getattr(self, name)
+            out[name] = {f.name: _plain(getattr(sec, f.name)) for f in dataclasses.fields(sec)}
+        return out
+
+    def to_toml(self) -> str:
+        """The full config as TOML text (written next to a run so it can be repeated)."""
+        lines = []
+        for name, sec in self.to_dict().items():
+            lines.append(f"[{name}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in sec.items()]
+            lines.append("")
+        return "\n".join(lines)
+
+    def replace(self, **sections: dict[str, Any]) -> TrainConfig:
+        """A copy with some fields changed: `cfg.replace(train={"max_steps": 50})`."""
+        raw = self.to_dict()
+        for name, fields_ in sections.items():
+            if name not in raw:
+                raise ConfigError(f"unknown section [{name}]{_suggest(name, SECTIONS)}")
+            raw[name] = {**raw[name], **fields_}
+        return TrainConfig.from_dict(raw, source="replace()")
+
+    def validate(self, source: str = "config") -> None:
+        """Reject impossible values; one line naming the field."""
+        d, lo, o, t = self.data, self.lora, self.optim, self.train
+        checks = [
+            ("data.resolution", d.resolution > 0 and d.resolution % 8 == 0, "a positive multiple of 8"),
+            ("data.bucket_step", d.bucket_step > 0 and d.bucket_step % 8 == 0, "a positive multiple of 8"),
+            ("data.bucket_min", d.bucket_min > 0 and d.bucket_min % d.bucket_step == 0,
+             f"a positive multiple of data.bucket_step ({d.bucket_step})"),
+            ("data.bucket_max", d.bucket_max % d.bucket_step == 0, f"a multiple of data.bucket_step ({d.bucket_step})"),
+            ("data.bucket_min", d.bucket_min <= d.resolution, f"<= data.resolution ({d.resolution})"),
+            ("data.bucket_max", d.bucket_max >= d.resolution, f">= data.resolution ({d.resolution})"),
+            ("data.repeats", d.repeats >= 1, ">= 1"),
+            ("data.caption_dropout", 0.0 <= d.caption_dropout <= 1.0, "between 0 and 1"),
+            ("data.keep_tags", d.keep_tags >= 0, ">= 0"),
+            ("lora.rank", lo.rank > 0, "> 0"),
+            ("lora.alpha", lo.alpha > 0, "> 0"),
+            ("lora.conv_rank", lo.conv_rank >= 0, ">= 0 (0 = off)"),
+            ("lora.conv_alpha", lo.conv_alpha >= 0, ">= 0 (0 = same as conv_rank)"),
+            ("lora.dropout", 0.0 <= lo.dropout < 1.0, "in [0, 1)"),
+            ("optim.unet_lr", o.unet_lr >= 0, ">= 0"),
+            ("optim.text_encoder_lr", o.text_encoder_lr >= 0, ">= 0"),
+            ("optim.weight_decay", o.weight_decay >= 0, ">= 0"),
+            ("optim.betas", all(0.0 <= b < 1.0 for b in o.betas), "two numbers in [0, 1)"),
+            ("optim.eps", o.eps > 0, "> 0"),
+            ("optim.warmup_steps", o.warmup_steps >= 0, ">= 0"),
+            ("train.batch_size", t.batch_size > 0, "> 0"),
+            ("train.grad_accum", t.grad_accum > 0, "> 0"),
+            ("train.max_steps", t.max_steps >= 0, ">= 0 (0 = use train.epochs)"),
+            ("train.epochs", t.epochs >= 0, ">= 0"),
+            ("train.max_steps", t.max_steps > 0 or t.epochs > 0, "> 0, or set train.epochs > 0"),
+            ("train.max_grad_norm", t.max_grad_norm >= 0, ">= 0 (0 = no clipping)"),
+            ("train.noise_offset", t.noise_offset >= 0, ">= 0"),
+            ("train.min_snr_gamma", t.min_snr_gamma >= 0, ">= 0 (0 = off)"),
+            ("train.device", t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda", "mps"),
+             "auto, cpu, cuda, cuda:N or mps"),
+            ("save.every_n_steps", self.save.every_n_steps >= 0, ">= 0 (0 = only at the end)"),
+            ("save.name", bool(self.save.name) and "/" not in self.save.name, "a non-empty file stem"),
+            ("log.every", self.log.every > 0, "> 0"),
+            ("sample.every_n_steps", self.sample.every_n_steps >= 0, ">= 0"),
+            ("sample.steps", self.sample.steps > 0, "> 0"),
+            ("sample.cfg", self.sample.cfg >= 0, ">= 0"),
+            ("sample.size", all(s > 0 and s % 8 == 0 for s in self.sample.size), "[width, height], multiples of 8"),
+        ]
+        for key, ok, expected in checks:
+            if not ok:
+                section, name = key.split(".")
+                value = getattr(getattr(self, section), name)
+                raise ConfigError(f"{source}: {key} = {_toml_value(_plain(value))} is invalid: must be {expected}")
+
+    def check_paths(self) -> None:
+        """Check the input paths exist (done when training starts, not at parse time)."""
+        if not self.model.path:
+            raise ConfigError("model.path is empty: set it in the config or pass model.path=/path/to/model.safetensors")
+        if not os.path.isfile(self.model.path):
+            raise ConfigError(
+                f"model.path = {self.model.path!r} does not exist: pass model.path=/path/to/model.safetensors"
+            )
+        if not self.data.dir:
+            raise ConfigError("data.dir is empty: set it in the config or pass data.dir=/path/to/images")
+        if not os.path.isdir(self.data.dir):
+            raise ConfigError(f"data.dir = {self.data.dir!r} is not a folder: pass data.dir=/path/to/images")
+
+    @property
+    def cache_dir(self) -> str:
+        return self.cache.dir or os.path.join(self.save.output_dir, "cache")
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Return a copy of `raw` with each `section.field=value` applied.
+
+    The value is parsed as a TOML value (`true`, `1e-4`, `[1, 2]`, `"text"`); anything that
+    does not parse, and any value for a string field, is taken as the raw text.
+    """
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key.count(".") != 1:
+            raise ConfigError(f"override {item!r}: expected section.field=value, e.g. train.max_steps=500")
+        section, name = key.split(".")
+        if section not in SECTIONS:
+            raise ConfigError(f"override {item!r}: unknown section [{section}]{_suggest(section, SECTIONS)}")
+        hints = _hints(SECTIONS[section])
+        if name not in hints:
+            raise ConfigError(f"override {item!r}: unknown key {key}{_suggest(name, hints, section + '.')}")
+        text = text.strip()
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        if hints[name] is str or _literal_choices(hints[name]) is not None:
+            value = value if isinstance(value, str) else text
+        raw.setdefault(section, {})[name] = value
+    return raw
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _suggest(name: str, valid, prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return f"; did you mean {prefix}{close[0]}?" if close else f"; valid: {', '.join(prefix + v for v in valid)}"
+
+
+def _literal_choices(tp: Any) -> tuple | None:
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+
+
+def _type_name(tp: Any) -> str:
+    choices = _literal_choices(tp)
+    if choices is not None:
+        return "one of " + ", ".join(repr(c) for c in choices)
+    plural = {str: "strings", int: "integers", float: "numbers"}
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {plural[args[0]]}"
+        return f"a list of {len(args)} {plural[args[0]]}"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[tp]
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    """Return `value` as type `tp`, or raise TypeError. int→float is the only widening."""
+    choices = _literal_choices(tp)
+    if choices is not None:
+        if value in choices:
+            return value
+        raise TypeError
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise TypeError
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v) for v in value)
+        if len(value) != len(args):
+            raise TypeError
+        return tuple(_coerce(a, v) for a, v in zip(args, value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _build_section(cls: type, section: str, values: dict[str, Any], source: str):
+    hints = _hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        if name not in hints:
+            raise ConfigError(f"{source}: unknown key {section}.{name}{_suggest(name, hints, section + '.')}")
+        try:
+            kwargs[name] = _coerce(hints[name], value)
+        except TypeError:
+            raise ConfigError(
+                f"{source}: {section}.{name} expects {_type_name(hints[name])}, got {_toml_value(_plain(value))}"
+            ) from None
+    return cls(**kwargs)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return repr(value)

@@ -1,0 +1,465 @@
+"""Text to image: prompts → text encoders → sampler with CFG → VAE decode → PIL images.
+
+    prompt ─► CLIPTokenizer(s) ─► te1 (+ te2) ─► context (B, 77, D), pooled (SDXL)
+    SDXL:  y = sdxl_vector(pooled, time_ids), time_ids = [h, w, 0, 0, h, w]
+    noise (CPU generator per image: seed, seed+1, …) ─► SAMPLERS[name](cfg_model(Denoiser(unet)))
+    latents / scaling_factor ─► VAE decode (tiled above TILE_ABOVE) ─► uint8 ─► PIL
+
+Conditioning (sgm `GeneralConditioner`, diffusers `StableDiffusionXLPipeline.encode_prompt`):
+SDXL context = cat(CLIP-L penultimate, bigG penultimate), pooled = bigG pooled; SD1.5 context
+= CLIP-L last layer after the final norm. The unconditional branch of SDXL for an **empty**
+negative prompt is all zeros (context and pooled), as the sgm sampling scripts do
+(`force_uc_zero_embeddings=["txt"]`) and diffusers does by default (`force_zeros_for_empty_prompt`);
+a non-empty negative is encoded like a prompt. SD1.5 encodes the empty string, as CompVis
+`txt2img.py` and diffusers do. Both branches get the same time_ids.
+
+Reproducibility: the start noise and the ancestral noise of image k are drawn on the CPU from
+`torch.Generator().manual_seed(seed + k)`, so a seed gives the same latents on any device;
+`png_info` writes every setting into the PNG so `eri sample` can be repeated from a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from torch import Tensor, nn
+
+from eridiffusion import __version__, checkpoint, diffusion, lora, samplers
+from eridiffusion.models.tokenizer import CLIPTokenizer
+from eridiffusion.models.unet import sdxl_vector
+
+TILE_ABOVE = 128 * 128  # latent pixels (1024² images) above which the VAE decodes in tiles
+VAE_TILE, VAE_OVERLAP = 64, 16  # latent pixels (512 / 128 image pixels)
+A1111_SAMPLERS = {"euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M", "ddim": "DDIM"}
+
+Cond = dict[str, Tensor]  # UNet keywords: context (B, 77, D) and, for SDXL, y (B, adm)
+
+
+class PipelineError(ValueError):
+    """A sampling request that cannot run; `str()` is one line naming the value and the fix."""
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] → RGB images, rounded like diffusers' `numpy_to_pil`."""
+    pixels = (images.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
+    pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+    return [Image.fromarray(p, "RGB") for p in pixels]
+
+
+class Pipeline:
+    """SDXL / SD1.5 text-to-image on loaded components (modules are held, not copied).
+
+    `Pipeline(components, loras=[(file, scale), …])` wraps the layers with the LoRAs (the
+    components stay usable and `remove_loras()` undoes it); `Pipeline.from_checkpoint` loads a
+    file and folds the LoRAs into its weights (no extra work per step). A float16 VAE is cast
+    to float32: the SDXL VAE overflows in fp16 (black / NaN images).
+    """
+
+    def __init__(self, components: checkpoint.Components, loras: Sequence[tuple[str | os.PathLike, float]] = (),
+                 merge_loras: bool = False, prediction: str | None = None):  # fmt: skip
+        missing = [p for p in ("unet", "vae", "te1") if getattr(components, p) is None]
+        if components.family.te2 is not None and components.te2 is None:
+            missing.append("te2")
+        if missing:
+            raise PipelineError(f"Pipeline: components lack {', '.join(missing)}; load them with checkpoint.load(parts=...)")
+        self.family = components.family
+        self.prediction = prediction or components.family.prediction  # "epsilon" or "v_prediction"
+        self.unet, self.vae, self.te1, self.te2 = components.unet, components.vae, components.te1, components.te2
+        if self.vae.dtype == torch.float16:
+            self.vae.float()
+        self.tok1 = CLIPTokenizer()
+        self.tok2 = CLIPTokenizer(pad_token_id=0) if self.te2 is not None else None
+        self.networks: dict[str, lora.LoRANetwork] = {}
+        if loras:
+            files, scales = [p for p, _ in loras], [s for _, s in loras]
+            self.networks = lora.apply_lora(components, files, scales, merge=merge_loras)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.float32, loras: Sequence[tuple[str | os.PathLike, float]] = (),
+                        allow_pickle: bool = False) -> Pipeline:  # fmt: skip
+        """Load a single-file checkpoint on `device` in `dtype`, LoRAs merged into the weights."""
+        components = checkpoint.load(path, dtype=dtype, device=device, allow_pickle=allow_pickle)
+        return cls(components, loras, merge_loras=True)
+
+    def remove_loras(self) -> None:
+        for net in self.networks.values():
+            net.remove()
+        self.networks = {}
+
+    @property
+    def device(self) -> torch.device:
+        return _device_of(self.unet)
+
+    @property
+    def multiple(self) -> int:
+        """Image sides must be multiples of this: VAE factor · 2^(UNet levels − 1)."""
+        return self.family.vae.factor * 2 ** (len(self.family.unet.channel_mult) - 1)
+
+    # -- text ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> dict[str, Tensor]:
+        """Prompts → {"context": (B, 77, D)} and, for SDXL, "pooled": (B, P). Prompts longer
+        than 75 tokens are truncated (no A1111-style chunking)."""
+        device = _device_of(self.te1)
+        out1 = self.te1(self.tok1(prompts).to(device))
+        if self.te2 is None:
+            return {"context": out1.last}
+        out2 = self.te2(self.tok2(prompts).to(_device_of(self.te2)))
+        context = torch.cat([out1.hidden, out2.hidden.to(out1.hidden.dtype)], dim=-1)  # (B, 77, D1 + D2)
+        return {"context": context, "pooled": out2.pooled}
+
+    def encode(self, prompts: list[str], negative: str = "") -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(cond, uncond) text outputs, one row per prompt; see the module docstring for the
+        empty negative (zeros for SDXL, the encoded "" for SD1.5)."""
+        cond = self.encode_text(prompts)
+        if negative == "" and self.te2 is not None:
+            uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
+        else:
+            one = self.encode_text([negative])
+            uncond = {k: v.expand(len(prompts), *v.shape[1:]) for k, v in one.items()}
+        return cond, uncond
+
+    def unet_inputs(self, text: dict[str, Tensor], size: tuple[int, int]) -> Cond:
+        """Text outputs → UNet keywords; SDXL micro-conditioning with original = target = size
+        and crop (0, 0) (SDXL paper, section 2.2; `time_ids` = [h, w, top, left, h, w])."""
+        if "pooled" not in text:
+            return {"context": text["context"]}
+        w, h = size
+        pooled = text["pooled"]
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=pooled.device)
+        time_ids = time_ids.expand(pooled.shape[0], 6)  # (B, 6)
+        y = sdxl_vector(pooled.float(), time_ids, self.family.unet.addition_time_embed_dim)
+        return {"context": text["context"], "y": y}
+
+    # -- sampling --------------------------------------------------------------------------
+    def check_size(self, size: tuple[int, int]) -> None:
+        m = self.multiple
+        if len(size) != 2 or any(s <= 0 or s % m for s in size):
+            raise PipelineError(
+                f"size {'x'.join(map(str, size))} is invalid for {self.family.name}: width and height must be "
+                f"positive multiples of {m}, e.g. {max(m, round(size[0] / m) * m)}x{max(m, round(size[-1] / m) * m)}"
+            )
+
+    @torch.no_grad()
+    def generate(self, cond: dict[str, Tensor], uncond: dict[str, Tensor], seeds: Sequence[int], steps: int = 30,
+                 cfg: float = 7.0, sampler: str = "dpmpp_2m", karras: bool = False,
+                 size: tuple[int, int] = (1024, 1024), callback: Callable | None = None) -> list[Image.Image]:  # fmt: skip
+        """One image per row of `cond`/`uncond` (text outputs from `encode`), image k seeded with
+        seeds[k]; size is (width, height). Sigmas and start scale follow diffusers' schedulers
+        with "leading" spacing (`samplers.sigmas_for`)."""
+        if sampler not in samplers.SAMPLERS:
+            raise PipelineError(f"sampler {sampler!r} is unknown: use one of {', '.join(samplers.SAMPLERS)}")
+        if steps < 1:
+            raise PipelineError(f"steps = {steps} is invalid: use 1 or more")
+        self.check_size(size)
+        if len(seeds) != cond["context"].shape[0]:
+            raise PipelineError(f"generate: {len(seeds)} seeds for {cond['context'].shape[0]} prompts; give one per image")
+        device, (w, h) = self.device, size
+        f = self.family.vae.factor
+        ac = diffusion.alphas_cumprod(diffusion.scaled_linear_betas()).to(device)
+        sigmas = samplers.sigmas_for(steps, ac, karras=karras, sampler=sampler)
+        denoiser = samplers.Denoiser(self.unet, ac, self.prediction, quantize=karras and sampler == "dpmpp_2m")
+        model = samplers.cfg_model(denoiser, self.unet_inputs(cond, size), self.unet_inputs(uncond, size), cfg)
+
+        generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        shape = (1, self.family.unet.in_channels, h // f, w // f)
+
+        def cpu_noise(*_: Tensor) -> Tensor:  # (B, 4, h/8, w/8), one generator per image
+            return torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device)
+
+        x = cpu_noise() * (sigmas[0] ** 2 + 1) ** 0.5  # x_T = noise, in the sigma form x_T / sqrt(alpha_bar)
+        was_training = [(m, m.training) for m in (self.unet, self.vae)]
+        self.unet.eval()
+        self.vae.eval()
+        try:
+            latents = samplers.SAMPLERS[sampler](model, x, sigmas, callback=callback, noise_sampler=cpu_noise)
+            return to_pil(self.decode(latents))
+        finally:
+            for m, mode in was_training:
+                m.train(mode)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents (B, 4, h, w) → images (B, 3, 8h, 8w) in [-1, 1], one image at a time,
+        in tiles above TILE_ABOVE latent pixels."""
+        z = latents / self.family.vae.scaling_factor
+        tile = VAE_TILE if z.shape[2] * z.shape[3] > TILE_ABOVE else None
+        return self.vae.decode(z, tile=tile, overlap=VAE_OVERLAP, slice_batch=True)
+
+    def __call__(self, prompt: str | list[str], negative: str = "", steps: int = 30, cfg: float = 7.0,
+                 sampler: str = "dpmpp_2m", karras: bool = False, seed: int = 0,
+                 size: tuple[int, int] = (1024, 1024), batch: int = 1) -> list[Image.Image]:  # fmt: skip
+        """`batch` images per prompt, prompt-major; image k gets seed + k. size = (width, height)."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        self.check_size(size)
+        cond, uncond = self.encode(prompts, negative)
+        cond = {k: v.repeat_interleave(batch, dim=0) for k, v in cond.items()}
+        uncond = {k: v.repeat_interleave(batch, dim=0) for k, v in uncond.items()}
+        seeds = [seed + k for k in range(len(prompts) * batch)]
+        return self.generate(cond, uncond, seeds, steps, cfg, sampler, karras, size)
+
+
+# -- PNG files with their parameters -------------------------------------------------------
+def sha256_prefix(path: str | os.PathLike, n: int = 10) -> str:
+    """First `n` hex digits of the file's SHA-256 (A1111's "Model hash" uses 10)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()[:n]
+
+
+@dataclass(frozen=True)
+class SampleParams:
+    """Everything needed to render one image again (the JSON `eridiffusion` PNG chunk)."""
+
+    prompt: str
+    negative: str
+    seed: int
+    sampler: str
+    karras: bool
+    steps: int
+    cfg: float
+    size: tuple[int, int]  # width, height
+    model: str = ""  # file name
+    model_sha256: str = ""  # first 10 hex digits
+    family: str = ""
+    dtype: str = ""
+    loras: tuple[tuple[str, str, float], ...] = ()  # (file name, sha256 prefix, scale)
+
+    def to_json(self) -> dict:
+        return {
+            "prompt": self.prompt, "negative": self.negative, "seed": self.seed, "sampler": self.sampler,
+            "karras": self.karras, "steps": self.steps, "cfg": self.cfg, "size": list(self.size),
+            "model": {"file": self.model, "sha256": self.model_sha256, "family": self.family},
+            "dtype": self.dtype,
+            "loras": [{"file": f, "sha256": h, "scale": s} for f, h, s in self.loras],
+            "version": f"eridiffusion {__version__}",
+        }  # fmt: skip
+
+    @classmethod
+    def from_json(cls, d: dict) -> SampleParams:
+        m = d.get("model", {})
+        loras = tuple((x["file"], x["sha256"], float(x["scale"])) for x in d.get("loras", []))
+        return cls(d["prompt"], d["negative"], int(d["seed"]), d["sampler"], bool(d["karras"]), int(d["steps"]),
+                   float(d["cfg"]), tuple(d["size"]), m.get("file", ""), m.get("sha256", ""), m.get("family", ""),
+                   d.get("dtype", ""), loras)  # fmt: skip
+
+    def a1111(self) -> str:
+        """A1111 "parameters" text: prompt (with `<lora:name:scale>` tags), negative, settings line."""
+        tags = "".join(f" <lora:{Path(f).stem}:{s:g}>" for f, _, s in self.loras)
+        fields = [f"Steps: {self.steps}", f"Sampler: {A1111_SAMPLERS[self.sampler]}"]
+        if self.karras:
+            fields.append("Schedule type: Karras")
+        fields += [f"CFG scale: {self.cfg:g}", f"Seed: {self.seed}", f"Size: {self.size[0]}x{self.size[1]}"]
+        if self.model_sha256:
+            fields.append(f"Model hash: {self.model_sha256}")
+        if self.model:
+            fields.append(f"Model: {Path(self.model).stem}")
+        if self.loras:
+            fields.append('Lora hashes: "' + ", ".join(f"{Path(f).stem}: {h}" for f, h, _ in self.loras) + '"')
+        fields.append(f"Version: eridiffusion {__version__}")
+        return f"{self.prompt}{tags}\nNegative prompt: {self.negative}\n{', '.join(fields)}"
+
+    def png_info(self) -> PngInfo:
+        info = PngInfo()
+        info.add_text("parameters", self.a1111())
+        info.add_text("eridiffusion", json.dumps(self.to_json(), ensure_ascii=False))
+        return info
+
+
+def read_params(path: str | os.PathLike) -> SampleParams:
+    """The settings written into a PNG by `eri sample`."""
+    with Image.open(path) as im:
+        text = im.text.get("eridiffusion")  # type: ignore[attr-defined]
+    if text is None:
+        raise PipelineError(f"{path}: has no 'eridiffusion' PNG text chunk; it was not written by eri sample")
+    return SampleParams.from_json(json.loads(text))
+
+
+def save_new_png(image: Image.Image, folder: str | os.PathLike, stem: str, info: PngInfo | None = None) -> Path:
+    """Save as `folder/NNNNN-stem.png` with the next free number; never overwrites a file
+    (the name is claimed with an exclusive create, so parallel runs cannot collide)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    numbers = [int(p.name[:5]) for p in folder.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")]
+    n = max(numbers, default=-1) + 1
+    while True:
+        path = folder / f"{n:05d}-{stem}.png"
+        try:
+            with open(path, "xb") as f:
+                image.save(f, format="PNG", pnginfo=info)
+            return path
+        except FileExistsError:
+            n += 1
+
+
+# -- `eri sample` ---------------------------------------------------------------------------
+def parse_size(text: str) -> tuple[int, int]:
+    """"1024x768" → (1024, 768) = (width, height); one number means a square."""
+    w, _, h = text.lower().partition("x")
+    try:
+        size = (int(w), int(h or w))
+    except ValueError:
+        raise PipelineError(f"--size {text!r} is not WIDTHxHEIGHT; write e.g. 1024x1024") from None
+    return size
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """"style.safetensors:0.8" → (path, 0.8); without ":SCALE" the scale is 1 (a Windows
+    drive colon is kept, since what follows the last colon must be a number)."""
+    path, sep, scale = spec.rpartition(":")
+    if sep:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"--device {name} but no CUDA device is available: use --device cpu")
+    return device
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sample_files(model: str | os.PathLike, prompts: Sequence[str], out: str | os.PathLike, negative: str = "",
+                 steps: int = 30, cfg: float = 7.0, sampler: str = "dpmpp_2m", karras: bool = False,
+                 seed: int = 0, size: tuple[int, int] | None = None, batch: int = 1,
+                 loras: Sequence[tuple[str, float]] = (), device: str = "auto", dtype: str = "auto",
+                 allow_pickle: bool = False, log: Callable[[str], None] = print) -> list[Path]:  # fmt: skip
+    """`eri sample`: render `batch` images per prompt (image k seeded seed + k) into
+    `out/NNNNN-SEED.png`, each alone (batch 1) so its metadata repeats it exactly.
+
+    size None: 1024x1024 for SDXL, 512x512 for SD1.5. dtype "auto": bf16 on CUDA, else fp32.
+    """
+    for path, _ in loras:
+        if not os.path.isfile(path):
+            raise PipelineError(f"--lora {path}: file not found; pass FILE[:SCALE] with an existing .safetensors file")
+    if batch < 1:
+        raise PipelineError(f"--batch {batch} is invalid: use 1 or more")
+    dev = resolve_device(device)
+    dtype = ("bf16" if dev.type == "cuda" else "fp32") if dtype == "auto" else dtype
+    if dtype not in DTYPES:
+        raise PipelineError(f"--dtype {dtype} is unknown: use auto, bf16, fp16 or fp32")
+    log(f"loading {model} ({dtype}) on {dev}")
+    pipe = Pipeline.from_checkpoint(model, dev, DTYPES[dtype], loras, allow_pickle)
+    size = size or ((1024, 1024) if pipe.te2 is not None else (512, 512))
+    pipe.check_size(size)
+    lora_info = tuple((Path(p).name, sha256_prefix(p), float(s)) for p, s in loras)
+    base = dict(negative=negative, sampler=sampler, karras=karras, steps=steps, cfg=float(cfg), size=tuple(size),
+                model=Path(model).name, model_sha256=sha256_prefix(model), family=pipe.family.name, dtype=dtype,
+                loras=lora_info)  # fmt: skip
+    paths, k = [], 0
+    for prompt in prompts:
+        cond, uncond = pipe.encode([prompt], negative)
+        for _ in range(batch):
+            params = SampleParams(prompt=prompt, seed=seed + k, **base)
+            image = pipe.generate(cond, uncond, [params.seed], steps, cfg, sampler, karras, params.size)[0]
+            paths.append(save_new_png(image, out, str(params.seed), params.png_info()))
+            log(f"wrote {paths[-1]}")
+            k += 1
+    return paths
+
+
+# -- validation images during training -----------------------------------------------------
+def make_grid(images: list[Image.Image], cols: int) -> Image.Image:
+    """Images of one size in a grid, row-major, `cols` per row."""
+    w, h = images[0].size
+    rows = math.ceil(len(images) / cols)
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+class Validation:
+    """Validation grids during training: every prompt of `[sample]` (rows) × every seed (columns;
+    none given = seed 0), the same seeds each call, to `out_dir/samples/step{N:06d}.png`.
+
+    Build it before the trainer frees the VAE / text encoders: it keeps the VAE, and with
+    `encode_now=True` (text encoders not trained) encodes the prompts once and drops the text
+    encoders, so they can be freed; otherwise it re-encodes each call (their LoRA changes).
+    Uses its own CPU generators only: the training RNG streams are untouched.
+    """
+
+    def __init__(self, components: checkpoint.Components, cfg, out_dir: str | os.PathLike, encode_now: bool = False,
+                 prediction: str | None = None):  # fmt: skip
+        self.pipe = Pipeline(components, prediction=prediction)
+        self.cfg = cfg
+        self.folder = Path(out_dir) / "samples"
+        self.seeds = list(cfg.seeds) or [0]
+        self.text: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
+        if encode_now:
+            self.text = self.pipe.encode(list(cfg.prompts), cfg.negative)
+            self.pipe.te1 = self.pipe.te2 = None
+
+    def render(self) -> Image.Image:
+        c, pipe = self.cfg, self.pipe
+        modes = [(m, m.training) for m in (pipe.te1, pipe.te2) if m is not None]
+        try:
+            for m, _ in modes:
+                m.eval()
+            cond, uncond = self.text or pipe.encode(list(c.prompts), c.negative)
+        finally:
+            for m, mode in modes:
+                m.train(mode)
+        n = len(self.seeds)
+        images = []
+        for i in range(len(c.prompts)):  # one prompt at a time: little memory next to training
+            rows = {k: v[i : i + 1].expand(n, *v.shape[1:]) for k, v in cond.items()}
+            un = {k: v[i : i + 1].expand(n, *v.shape[1:]) for k, v in uncond.items()}
+            images += pipe.generate(rows, un, self.seeds, c.steps, c.cfg, c.sampler, False, tuple(c.size))
+        return make_grid(images, cols=n)
+
+    def __call__(self, step: int, writer=None) -> Path:
+        """Render, write `samples/step{step:06d}.png` atomically, and add it to `writer`
+        (a tensorboard SummaryWriter) when given; returns the path."""
+        grid = self.render()
+        info = PngInfo()
+        meta = {"step": step, "prompts": list(self.cfg.prompts), "negative": self.cfg.negative, "seeds": self.seeds,
+                "sampler": self.cfg.sampler, "steps": self.cfg.steps, "cfg": self.cfg.cfg, "size": list(self.cfg.size)}
+        info.add_text("eridiffusion", json.dumps(meta, ensure_ascii=False))
+        path = self.folder / f"step{step:06d}.png"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.folder)
+        os.close(fd)
+        try:
+            grid.save(tmp, format="PNG", pnginfo=info)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        if writer is not None:
+            import numpy as np
+
+            writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+        return path
+
+
+def validation_grid(components: checkpoint.Components, cfg, step: int, out_dir: str | os.PathLike, writer=None) -> Path:
+    """One-shot `Validation(components, cfg, out_dir)(step, writer)`: `cfg` is the `[sample]` section."""
+    return Validation(components, cfg, out_dir)(step, writer)

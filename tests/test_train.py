@@ -1,0 +1,201 @@
+"""The training loop end to end on the tiny SDXL-layout model (CPU).
+
+One 100-step run (module fixture) is the reference: it must lower a fixed evaluation loss,
+change only LoRA weights, and be reproduced bit-exactly by a run that is stopped at step 50
+and resumed in a fresh `train()` call while the encoders are patched to fail (cache only).
+"""
+
+import csv
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from eridiffusion import checkpoint, diffusion
+from eridiffusion.cli import main
+from eridiffusion.models.clip import CLIPTextModel, OpenCLIPTextModel
+from eridiffusion.models.vae import AutoencoderKL
+from eridiffusion.tiny import demo_config, make_dataset, prepare
+from eridiffusion.train import build_cache, diffusion_loss, lr_factor, train
+
+STEPS = 100
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    prepare(root, n_images=8, log=lambda s: None)
+    return root
+
+
+def _cfg(root, out, steps=STEPS, **sections):
+    cfg = demo_config(root, steps)
+    sections.setdefault("save", {})
+    sections["save"] = {"output_dir": str(root / out), "every_n_steps": 0, **sections["save"]}
+    sections.setdefault("sample", {"every_n_steps": 0})
+    return cfg.replace(cache={"dir": str(root / "cache")}, **sections)
+
+
+@pytest.fixture(scope="module")
+def reference(root):
+    """The uninterrupted run, and the evaluation loss of its LoRA before/after training."""
+    result = train(_cfg(root, "full"), progress=False, log=lambda s: None)
+    return result
+
+
+def _eval_loss(unet, root, multiplier, networks):
+    """Plain MSE on a fixed batch: every cached 128×128 latent, fixed noise and timesteps."""
+    from safetensors.torch import load_file
+
+    entries = [load_file(p) for p in sorted((root / "cache" / "latent").rglob("*.safetensors"))]
+    entries = [e for e in entries if e["mean"].shape[-1] == 16]
+    texts = [load_file(p) for p in sorted((root / "cache" / "text").rglob("*.safetensors"))]
+    x0 = torch.stack([e["mean"] for e in entries])
+    time_ids = torch.stack([e["time_ids"] for e in entries])
+    cond = {k: torch.stack([texts[i % len(texts)][k] for i in range(len(entries))]) for k in texts[0]}
+    g = torch.Generator().manual_seed(1234)
+    t = torch.linspace(20, 980, len(entries)).long()
+    noise = torch.randn(x0.shape, generator=g)
+    ac = diffusion.alphas_cumprod(diffusion.scaled_linear_betas())
+    for net in networks.values():
+        net.set_multiplier(multiplier)
+    unet.eval()
+    with torch.no_grad():
+        loss = diffusion_loss(unet, x0, cond, time_ids, t, noise, ac, "epsilon").item()
+    for net in networks.values():
+        net.set_multiplier(1.0)
+    return loss
+
+
+def test_lr_schedule():
+    assert [lr_factor(s, 10, 4, "constant") for s in (0, 3, 4, 9)] == [0.2, 0.8, 1.0, 1.0]
+    assert lr_factor(4, 10, 4, "linear") == 1.0 and lr_factor(7, 10, 4, "linear") == 0.5
+    assert lr_factor(7, 10, 4, "cosine") == pytest.approx(0.5)
+    assert lr_factor(10, 10, 0, "cosine") == pytest.approx(0.0, abs=1e-12)
+
+
+def test_training_lowers_a_fixed_evaluation_loss(root, reference):
+    unet = reference.components.unet
+    before = _eval_loss(unet, root, 0.0, reference.networks)  # multiplier 0 = the base model
+    after = _eval_loss(unet, root, 1.0, reference.networks)
+    print(f"eval loss before {before:.4f}, after {after:.4f}, ratio {after / before:.3f}")
+    assert after < 0.8 * before
+    assert len(reference.losses) == STEPS and all(map(torch.isfinite, torch.tensor(reference.losses)))
+
+
+def test_only_lora_weights_change(root, reference):
+    fresh = checkpoint.load(root / "tiny_sdxl.safetensors")
+    trained = {k: v for k, v in reference.components.unet.state_dict().items() if "lora_" not in k}
+    base = fresh.unet.state_dict()
+    assert trained.keys() == base.keys()
+    for k, v in base.items():
+        assert torch.equal(trained[k], v), k
+    ups = [m.lora_up.weight for m in reference.networks["unet"].loras.values()]
+    assert all(bool(u.abs().max() > 0) for u in ups)  # every up matrix left its zero init
+    with safe_open(str(reference.lora_path), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert all(k.startswith("lora_unet_") for k in keys) and len(keys) == 3 * len(ups)
+    assert meta["ss_steps"] == str(STEPS) and meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["ss_network_dim"] == "8" and meta["ss_num_train_images"] == "8"
+
+
+def test_resume_is_bit_exact_and_uses_only_the_cache(root, reference, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("an encoder ran although everything is cached")
+
+    monkeypatch.setattr(AutoencoderKL, "encode", refuse)
+    monkeypatch.setattr(CLIPTextModel, "forward", refuse)
+    monkeypatch.setattr(OpenCLIPTextModel, "forward", refuse)
+    cfg = _cfg(root, "resumed")
+    first = train(cfg, stop_after=50, progress=False, log=lambda s: None)
+    assert first.interrupted and first.step == 50
+    assert first.losses == reference.losses[:50]  # read from the cache: the same numbers
+    second = train(cfg.replace(train={"resume": True}), progress=False, log=lambda s: None)
+    assert second.step == STEPS and not second.interrupted
+    assert second.losses == reference.losses  # bit-exact, all 100 steps
+    for name, m in second.networks["unet"].loras.items():
+        ref = reference.networks["unet"].loras[name]
+        assert torch.equal(m.lora_up.weight, ref.lora_up.weight), name
+    with open(root / "resumed" / "loss.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))
+    state = json.loads((root / "resumed" / "state" / "state.json").read_text())
+    assert state["step"] == STEPS and state["tensors"] == f"state-step{STEPS}.safetensors"
+    files = sorted(p.name for p in (root / "resumed" / "state").iterdir())
+    assert files == [f"state-step{STEPS}.safetensors", "state.json"]  # no pickle, old tensor files removed
+    assert Image.open(root / "resumed" / "loss.png").size == (720, 400)
+
+
+def test_build_cache_alone_then_hits(tmp_path):
+    prepare(tmp_path, n_images=4, log=lambda s: None)
+    cfg = demo_config(tmp_path, 1)
+    first = build_cache(cfg, log=lambda s: None, progress=False)
+    assert first.stats.writes == 4 * 2 + 4 + 1  # 4 images × 2 flips, 4 captions + the empty one
+    again = build_cache(cfg, log=lambda s: None, progress=False)
+    assert again.stats.writes == 0
+
+
+def test_sd15_and_text_encoder_training(tmp_path):
+    """SD1.5 conditioning (no pooled / time_ids) and SDXL te1/te2 LoRAs with encoders in the loop."""
+    make_dataset(tmp_path / "data", n=4, seed=1)
+    checkpoint.save(checkpoint.tiny_components("sd15-tiny", seed=1), tmp_path / "sd15.safetensors")
+    cfg = demo_config(tmp_path, 3).replace(
+        model={"path": str(tmp_path / "sd15.safetensors")},
+        data={"bucket_step": 64, "bucket_min": 64, "flip": False, "repeats": 2},
+        train={"prediction": "v_prediction", "min_snr_gamma": 5.0, "noise_offset": 0.05},
+        save={"output_dir": str(tmp_path / "sd15")},
+        sample={"every_n_steps": 0},
+    )
+    result = train(cfg, progress=False, log=lambda s: None)
+    assert result.components.family.name == "sd15-tiny" and len(result.losses) == 3
+    assert all(0 < v < 10 for v in result.losses)
+    with safe_open(str(result.lora_path), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["modelspec.prediction_type"] == "v_prediction"
+    assert meta["ss_epoch"] == "0"  # 4 images × 2 repeats = 4 batches per epoch: still in the first after 3 steps
+
+    checkpoint.save(checkpoint.tiny_components("sdxl-tiny", seed=1), tmp_path / "sdxl.safetensors")
+    cfg = demo_config(tmp_path, 2).replace(
+        model={"path": str(tmp_path / "sdxl.safetensors")},
+        lora={"train_text_encoder": True},
+        train={"grad_accum": 2},
+        save={"output_dir": str(tmp_path / "te")},
+        sample={"every_n_steps": 0},
+    )
+    result = train(cfg, progress=False, log=lambda s: None)
+    with safe_open(str(result.lora_path), "pt") as f:
+        prefixes = {k.split("_")[1] for k in f.keys()}
+    assert prefixes == {"unet", "te1", "te2"}
+    te1_ups = [m.lora_up.weight for m in result.networks["te1"].loras.values()]
+    assert any(bool(u.abs().max() > 0) for u in te1_ups)
+
+
+def test_eri_demo_smoke(tmp_path, capsys):
+    assert main(["demo", "--dir", str(tmp_path / "demo"), "--steps", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "LoRA written to" in out
+    for name in ("lora.safetensors", "loss.csv", "loss.png", "tiny_sdxl.safetensors", "config.toml"):
+        assert (tmp_path / "demo" / name).is_file(), name
+    assert main(["train", str(tmp_path / "nope.toml")]) == 2
+    assert "nope.toml: config file not found" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_with_checkpointing(tmp_path):
+    """bf16 frozen weights, fp32 LoRA, fused AdamW, gradient checkpointing, CUDA generators."""
+    prepare(tmp_path, n_images=4, log=lambda s: None)
+    cfg = demo_config(tmp_path, 30).replace(
+        model={"dtype": "bf16"},
+        train={"device": "cuda", "gradient_checkpointing": True, "min_snr_gamma": 5.0, "noise_offset": 0.05},
+        sample={"every_n_steps": 0},
+    )
+    result = train(cfg, progress=False, log=lambda s: None)
+    unet = result.components.unet
+    assert next(unet.parameters()).dtype == torch.bfloat16 and unet.gradient_checkpointing
+    assert all(p.dtype == torch.float32 and p.is_cuda for p in result.networks["unet"].lora_parameters())
+    assert all(0 < v < 10 for v in result.losses)
+    assert sum(result.losses[-10:]) < sum(result.losses[:10])
+    resumed = train(cfg.replace(train={"resume": True, "max_steps": 35}), progress=False, log=lambda s: None)
+    assert resumed.step == 35 and resumed.losses[:30] == result.losses
