@@ -204,6 +204,7 @@ def count_flops(step) -> float:
 
 def time_step(step, batch: int, warmup: int, iters: int, channels_last: bool = False) -> dict:
     args = inputs(batch, channels_last=channels_last)
+    torch.cuda.reset_peak_memory_stats()  # the peak includes compile / graph capture: the real working set
     t0 = time.perf_counter()
     step(*args)
     torch.cuda.synchronize()
@@ -211,7 +212,6 @@ def time_step(step, batch: int, warmup: int, iters: int, channels_last: bool = F
     for _ in range(warmup):
         step(*args)
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(iters):

@@ -31,7 +31,7 @@ from common import (  # noqa: I001 (also puts the repo root on sys.path)
     time_calls, write_json,
 )
 from train_step import DIFFUSERS_SDXL
-from eridiffusion import checkpoint, diffusion, samplers
+from eridiffusion import checkpoint, diffusion, samplers, speed
 from eridiffusion.pipeline import Pipeline, to_pil
 
 # diffusers twin of UNetConfig.tiny(): `attention_head_dim` is diffusers' name for the number of heads.
@@ -146,6 +146,11 @@ def run_ours(family, device, dtype, inp: Inputs, s: Settings, rows: list[dict], 
     free(device)
     impl = "eridiffusion"
     out = {"encode": bench_encode(impl, lambda x: vae.encode(x).mean, inp, device, dtype, s, rows)}
+    if device.type == "cuda":  # channels_last convolutions (cuDNN's NHWC kernels)
+        vae.to(memory_format=torch.channels_last)
+        bench_encode(impl + " channels_last", lambda x: vae.encode(x.contiguous(memory_format=torch.channels_last)).mean,
+                     inp, device, dtype, s, rows)  # fmt: skip
+        vae.to(memory_format=torch.contiguous_format)
 
     # text encoders are not benchmarked: built on meta, they take no memory
     comps = checkpoint.Components(family, unet=unet, vae=vae, te1=family.build("te1", "meta"),
@@ -169,7 +174,17 @@ def run_ours(family, device, dtype, inp: Inputs, s: Settings, rows: list[dict], 
         def loop():
             result["latents"] = samplers.sample_dpmpp_2m(model, x_start, sigmas)
 
-        emit(sample_row(impl, "sample_loop", timed(loop, device, s, warmup=1), device, s), rows)
+        emit(sample_row(impl, "sample_loop (eager)", timed(loop, device, s, warmup=1), device, s), rows)
+        if device.type == "cuda":  # the pipeline's own path: UNet calls replayed from a CUDA graph
+            graphed = samplers.cfg_model(samplers.Denoiser(speed.GraphedForward(unet), ac, pipe.prediction),
+                                         pipe.unet_inputs(cond, size), pipe.unet_inputs(uncond, size), s.cfg)
+
+            def graph_loop():
+                result["graph_latents"] = samplers.sample_dpmpp_2m(graphed, x_start, sigmas)
+
+            emit(sample_row(impl, "sample_loop", timed(graph_loop, device, s, warmup=1), device, s), rows)
+            emit({"impl": impl, "op": "cuda graph vs eager latents", "max_abs_diff":
+                  max_diff(result["graph_latents"].float(), result["latents"].float())}, rows)  # fmt: skip
         out["latents"] = result["latents"].float().cpu()
         latents = result["latents"]
         emit(sample_row(impl, "vae_decode", timed(lambda: pipe.decode(latents), device, s), device, s), rows)
@@ -261,7 +276,7 @@ def add_ratios(rows: list[dict]) -> None:
     peer = {key(r): r for r in rows if r.get("impl") == "diffusers"}
     for r in rows:
         p = peer.get(key(r))
-        if r.get("impl") == "eridiffusion" and p is not None:
+        if str(r.get("impl", "")).startswith("eridiffusion") and p is not None:
             field = "s_per_batch" if r["op"] == "vae_encode" else "s_per_image"
             r["time_ratio_ours_over_peer"] = r[field] / p[field]
             r["peak_ratio_ours_over_peer"] = r["peak_gib"] / p["peak_gib"] if p["peak_gib"] else None

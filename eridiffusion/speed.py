@@ -139,3 +139,51 @@ class GraphedStep:
             s.copy_(t)
         graph.replay()
         return loss
+
+
+class GraphedForward:
+    """Inference calls of `fn` replayed from CUDA graphs, one per input signature.
+
+    For the sampling loop: 30 UNet calls with the same shapes cost one capture and 30
+    replays instead of 30 × ~2,000 kernel launches from Python. Tensor arguments
+    (positional or keyword) are copied into static buffers; the output is cloned, so the
+    caller may keep it across calls. Non-tensor arguments must not change between calls
+    with the same tensor signature.
+    """
+
+    def __init__(self, fn, warmup: int = 2):
+        self.fn, self.warmup = fn, warmup
+        self.graphs: dict[tuple, tuple[list[torch.Tensor], dict, torch.Tensor, torch.cuda.CUDAGraph]] = {}
+
+    @staticmethod
+    def _key(args, kwargs) -> tuple:
+        def sig(v):
+            return (tuple(v.shape), v.dtype, v.stride(), v.device) if torch.is_tensor(v) else repr(v)
+
+        return tuple(sig(a) for a in args) + tuple((k, sig(v)) for k, v in sorted(kwargs.items()))
+
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        key = self._key(args, kwargs)
+        if key not in self.graphs:
+            static_args = [a.clone() if torch.is_tensor(a) else a for a in args]
+            static_kwargs = {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self.fn(*static_args, **static_kwargs)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.fn(*static_args, **static_kwargs)
+            self.graphs[key] = (static_args, static_kwargs, out, graph)
+        static_args, static_kwargs, out, graph = self.graphs[key]
+        for s, a in zip(static_args, args):
+            if torch.is_tensor(s):
+                s.copy_(a)
+        for k, v in kwargs.items():
+            if torch.is_tensor(v):
+                static_kwargs[k].copy_(v)
+        graph.replay()
+        return out.clone()

@@ -64,3 +64,22 @@ def test_compiled_graphed_step_matches_eager_to_bf16_tolerance():
     losses, _ = run(UNetConfig.tiny(), 6, compile=True, graph=True)
     print("compiled+graph vs eager: losses", losses.tolist(), ref_losses.tolist())
     torch.testing.assert_close(losses, ref_losses, rtol=2e-2, atol=2e-3)
+
+
+def test_graphed_forward_equals_eager_forward():
+    from eridiffusion.speed import GraphedForward
+
+    torch.manual_seed(0)
+    cfg = UNetConfig.tiny()
+    with torch.device("cuda"):
+        unet = UNet(cfg).eval()
+    graphed = GraphedForward(unet)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    for _ in range(3):  # new values each call, same buffers underneath
+        x = torch.randn(2, 4, 32, 32, device="cuda", generator=g)
+        t = torch.rand(2, device="cuda", generator=g) * 999
+        ctx = torch.randn(2, 77, cfg.context_dim, device="cuda", generator=g)
+        y = torch.randn(2, cfg.adm_in_channels, device="cuda", generator=g)
+        with torch.no_grad():
+            ref = unet(x, t, ctx, y=y)
+        torch.testing.assert_close(graphed(x, t, ctx, y=y), ref, rtol=0, atol=0)
