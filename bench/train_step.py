@@ -42,15 +42,16 @@ class Case:
     graph: bool = False  # capture forward+backward+AdamW in one CUDA graph (eridiffusion.speed.GraphedStep)
 
 
-CASES = [
+CASES = [  # the peer runs the eager and checkpointing rows of the table
     Case("b1_eager", 1),
-    Case("b1_compile", 1, compile=True),
+    Case("b1_graph", 1, compile=True, graph=True),
     Case("b4_eager", 4),
     Case("b4_compile", 4, compile=True),
+    Case("b4_graph", 4, compile=True, graph=True),
     Case("b8_eager", 8),
-    Case("b8_compile", 8, compile=True),
+    Case("b8_graph", 8, compile=True, graph=True),
     Case("b8_checkpointing", 8, checkpointing=True),
-    Case("b8_checkpointing_compile", 8, compile=True, checkpointing=True),
+    Case("b8_checkpointing_graph", 8, compile=True, checkpointing=True, graph=True),
 ]
 # Variants of our step measured one change at a time (bench/train_step.py --variants).
 VARIANTS = [
@@ -69,6 +70,7 @@ VARIANTS = [
     Case("b4_eager_cudnn", 4, attn="cudnn"),
 ]
 PEER_CASES = {"b1_eager", "b4_eager", "b4_compile", "b8_eager", "b8_checkpointing"}
+# torch.compile of the whole diffusers UNet took 293 s to its first step on an H100: --peer-compile adds it.
 
 
 def matmul_peak(n: int = 8192, iters: int = 20) -> float:
@@ -302,6 +304,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--cases", default=",".join(c.name for c in CASES))
     ap.add_argument("--peer", default="auto", choices=["auto", "yes", "no"])
+    ap.add_argument("--peer-compile", action="store_true", help="also time torch.compile of the diffusers UNet (minutes)")
     ap.add_argument("--variants", action="store_true", help="measure our step's speed variants, no peer")
     ap.add_argument("--profile", default=None, help="write a profiler summary of this case's step")
     ap.add_argument("--warmup", type=int, default=3)
@@ -340,7 +343,8 @@ def main(argv=None) -> int:
     cases = VARIANTS if args.variants else [c for c in CASES if c.name in wanted]
     peer = peer and not args.variants
     for case in cases:
-        for impl in ["eridiffusion"] + (["diffusers+peft"] if peer and case.name in PEER_CASES else []):
+        peer_here = peer and case.name in PEER_CASES and (args.peer_compile or not case.compile)
+        for impl in ["eridiffusion"] + (["diffusers+peft"] if peer_here else []):
             try:
                 row = run_case(impl, case, flops, peak, args.warmup, args.iters)
             except torch.OutOfMemoryError:
