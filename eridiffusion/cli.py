@@ -197,17 +197,37 @@ def inspect(args: argparse.Namespace) -> int:
     arg("config", help="a TOML file, e.g. configs/sdxl_lora.toml (docs/config.md lists every field)"),
     arg("overrides", nargs="*", metavar="section.field=value", help="e.g. model.path=/models/x.safetensors"),
     arg("--resume", metavar="DIR", help="continue exactly from a saved state folder (OUTPUT_DIR/state)"),
+    arg("--overwrite", action="store_true", help="replace an earlier run's outputs (= save.overwrite=true)"),
 )
 def train(args: argparse.Namespace) -> int:
+    """Exit 0 done, 2 bad input, 1 run-time fault (docs/reliability.md), 128 + signal when stopped."""
+    from eridiffusion import faults
     from eridiffusion.config import ConfigError, TrainConfig
     from eridiffusion.data.dataset import DatasetError
     from eridiffusion.train import train as run
 
+    overrides = [*args.overrides, *(["save.overwrite=true"] if args.overwrite else [])]
     try:
-        run(TrainConfig.from_toml(args.config, args.overrides), resume_dir=args.resume)
+        result = run(TrainConfig.from_toml(args.config, overrides), resume_dir=args.resume)
     except (ConfigError, DatasetError) as e:
         print(f"eri train: {e}", file=sys.stderr)
         return 2
+    except faults.FaultError as e:
+        print(f"eri train: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        if not faults.is_disk_full(e):
+            raise
+        print(f"eri train: {faults.DiskFull(e.filename or '.')}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("eri train: interrupted before the first step; nothing to save", file=sys.stderr)
+        return 130
+    if result.stop_signal:
+        name = faults.SIGNAL_NAMES.get(result.stop_signal, str(result.stop_signal))
+        print(f"eri train: stopped by {name} after step {result.step}; state saved in {result.output_dir / 'state'}, "
+              "continue with train.resume=true", file=sys.stderr)  # fmt: skip
+        return 128 + result.stop_signal
     return 0
 
 
@@ -238,9 +258,11 @@ def cache(args: argparse.Namespace) -> int:
     arg("--steps", type=int, default=100, help="training steps (default 100)"),
 )
 def demo(args: argparse.Namespace) -> int:
-    from eridiffusion.tiny import run_demo
+    from eridiffusion.tiny import demo_config, prepare
+    from eridiffusion.train import train as run
 
-    result = run_demo(args.dir, steps=args.steps)
+    prepare(args.dir)
+    result = run(demo_config(args.dir, args.steps).replace(save={"overwrite": True}))  # the demo folder is scratch
     first, last = result.losses[:10], result.losses[-10:]
     print(f"demo: mean loss of the first 10 steps {sum(first) / len(first):.4f}, last 10 {sum(last) / len(last):.4f}")
     print(f"demo: LoRA written to {result.lora_path}; inspect it with: eri inspect {result.lora_path}")
@@ -283,6 +305,29 @@ def sample(args: argparse.Namespace) -> int:
     except (pipeline.PipelineError, LoRAError) as e:
         print(f"eri sample: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+# -- eri bench --------------------------------------------------------------------------
+@command(
+    "bench",
+    "the SDXL LoRA training-step benchmark on a CUDA GPU (bench/train_step.py; see docs/benchmarks.md)",
+    arg("bench_args", nargs=argparse.REMAINDER, metavar="...", help="passed on, e.g. --cases b4_graph --out r.json"),
+)
+def bench(args: argparse.Namespace) -> int:
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "train_step.py"
+    if not script.is_file():
+        print(f"eri bench: {script} not found; the benchmarks live in the source checkout (git clone, pip install -e .)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    sys.argv = [str(script), *args.bench_args]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0)
     return 0
 
 

@@ -182,3 +182,10 @@ def test_subprocess(model_file, tmp_path):
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert res.returncode == 2 and res.stdout == ""
     assert "Traceback" not in res.stderr and res.stderr.count("\n") == 1 and "truncated" in res.stderr
+
+
+def test_bench_runs_the_benchmark_script_and_needs_cuda(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["bench", "--cases", "b1_eager"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no CUDA GPU" in err[0]
