@@ -25,6 +25,7 @@ class Command:
     help: str
     run: Callable[[argparse.Namespace], int]
     args: tuple[tuple[tuple[str, ...], dict], ...]
+    passthrough: bool = False  # unknown arguments go to the command (args.extra) instead of an error
 
 
 COMMANDS: dict[str, Command] = {}
@@ -35,11 +36,11 @@ def arg(*flags: str, **kwargs) -> tuple[tuple[str, ...], dict]:
     return flags, kwargs
 
 
-def command(name: str, help: str, *args: tuple[tuple[str, ...], dict]):
+def command(name: str, help: str, *args: tuple[tuple[str, ...], dict], passthrough: bool = False):
     """Register the decorated function as `eri NAME`."""
 
     def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-        COMMANDS[name] = Command(name, help, run, args)
+        COMMANDS[name] = Command(name, help, run, args, passthrough)
         return run
 
     return register
@@ -57,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not COMMANDS[args.command].passthrough:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     try:
         return args.run(args)
     except WeightError as e:
@@ -311,8 +316,8 @@ def sample(args: argparse.Namespace) -> int:
 # -- eri bench --------------------------------------------------------------------------
 @command(
     "bench",
-    "the SDXL LoRA training-step benchmark on a CUDA GPU (bench/train_step.py; see docs/benchmarks.md)",
-    arg("bench_args", nargs=argparse.REMAINDER, metavar="...", help="passed on, e.g. --cases b4_graph --out r.json"),
+    "the SDXL LoRA training-step benchmark on a CUDA GPU (bench/train_step.py; its flags pass through)",
+    passthrough=True,
 )
 def bench(args: argparse.Namespace) -> int:
     import runpy
@@ -323,7 +328,7 @@ def bench(args: argparse.Namespace) -> int:
         print(f"eri bench: {script} not found; the benchmarks live in the source checkout (git clone, pip install -e .)",
               file=sys.stderr)  # fmt: skip
         return 2
-    sys.argv = [str(script), *args.bench_args]
+    sys.argv = [str(script), *args.extra]
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as e:
