@@ -17,14 +17,6 @@ from eridiffusion.models.unet import sdxl_vector
 B = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add overhead (and thrash when other jobs share the CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # -- helpers ---------------------------------------------------------------------------------
 

@@ -24,14 +24,6 @@ SIZE = (64, 32)  # (width, height): non-square, so a swapped axis would show
 FAST = dict(steps=3, cfg=5.0, size=SIZE)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def sdxl():

@@ -48,14 +48,6 @@ SCHEDULERS = {
 CTX = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 class ToyNet(nn.Module):
     """Fixed random eps/v network: a per-timestep analytic part plus a conv net modulated by a
