@@ -93,6 +93,8 @@ class TrainSection:
     min_snr_gamma: float = 0.0  # 0 = plain MSE
     device: str = "auto"  # auto = cuda if available else cpu
     resume: bool = False
+    max_nonfinite: int = 5  # NaN/inf steps in a row that stop the run (each is skipped); 0 = no check
+    fsdp: bool = False  # torchrun: shard the frozen UNet per block (FSDP2), see docs/distributed.md
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ class SaveConfig:
     every_n_steps: int = 0  # 0 = only at the end
     save_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     name: str = "lora"  # file stem and modelspec title
+    overwrite: bool = False  # replace the outputs of an earlier run in save.output_dir
 
 
 @dataclass(frozen=True)
@@ -256,8 +259,9 @@ class TrainConfig:
             ("train.min_snr_gamma", t.min_snr_gamma >= 0, ">= 0 (0 = off)"),
             ("train.device", t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda", "mps"),
              "auto, cpu, cuda, cuda:N or mps"),
+            ("train.max_nonfinite", t.max_nonfinite >= 0, ">= 0 (0 = no check)"),
             ("save.every_n_steps", self.save.every_n_steps >= 0, ">= 0 (0 = only at the end)"),
-            ("save.name", bool(self.save.name) and "/" not in self.save.name, "a non-empty file stem"),
+            ("save.name", _is_file_stem(self.save.name), "a plain file name (no / \\ : or leading dot)"),
             ("log.every", self.log.every > 0, "> 0"),
             ("sample.every_n_steps", self.sample.every_n_steps >= 0, ">= 0"),
             ("sample.steps", self.sample.steps > 0, "> 0"),
@@ -397,6 +401,11 @@ def _build_section(cls: type, section: str, values: dict[str, Any], source: str)
                 f"{source}: {section}.{name} expects {_type_name(hints[name])}, got {_toml_value(_plain(value))}"
             ) from None
     return cls(**kwargs)
+
+
+def _is_file_stem(name: str) -> bool:
+    """True for a name that stays inside its folder: no separator or drive, not hidden (`..`), printable."""
+    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0:") and name.isprintable()
 
 
 def _plain(value: Any) -> Any:

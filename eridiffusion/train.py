@@ -20,7 +20,6 @@ import math
 import os
 import random
 import re
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,21 +31,21 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from eridiffusion import checkpoint, diffusion, lora, pipeline
+from eridiffusion import checkpoint, diffusion, distributed, faults, lora, pipeline
 from eridiffusion.config import ConfigError, TrainConfig
 from eridiffusion.data.buckets import BucketBatchSampler, BucketConfig
 from eridiffusion.data.cache import TensorCache, latent_settings, make_key, text_settings
 from eridiffusion.data.dataset import CaptionConfig, ImageDataset, build_dataset, process_caption
+from eridiffusion.io import atomic_write, remove_temp_files, write_text
 from eridiffusion.models.tokenizer import CLIPTokenizer
 from eridiffusion.models.unet import sdxl_vector
+from eridiffusion.weights import PickleRefused
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STATE_FORMAT = "eridiffusion-train-state/1"
 
 Log = Callable[[str], None]
 _REPEATS_DIR = re.compile(r"^\d+_.+$")  # kohya `N_name` folder
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 @dataclass
@@ -60,6 +59,8 @@ class TrainResult:
     components: checkpoint.Components
     networks: dict[str, lora.LoRANetwork] = field(default_factory=dict)
     interrupted: bool = False
+    stop_signal: int = 0  # SIGINT / SIGTERM that stopped the run (eri train exits 128 + it)
+    nonfinite_skipped: int = 0  # steps skipped for a NaN/inf loss or gradient
 
 
 # ---------------------------------------------------------------- small helpers
@@ -89,7 +90,7 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device = {name!r} but no CUDA device is available: use train.device=cpu")
-    return device
+    return distributed.local_device(device)  # cuda:LOCAL_RANK under torchrun
 
 
 def seed_everything(seed: int) -> None:
@@ -110,30 +111,6 @@ def fingerprint(module: nn.Module) -> str:
         sample = flat[:: max(1, flat.numel() // 256)].float().cpu()
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temp file in the same folder, fsync, then os.replace: never a torn file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    _atomic_write(path, write)
 
 
 # ---------------------------------------------------------------- text conditioning
@@ -224,8 +201,14 @@ def _load_setup(cfg: TrainConfig, log: Log) -> Setup:
     device, dtype = resolve_device(cfg.train.device), DTYPES[cfg.model.dtype]
     family = None if cfg.model.family == "auto" else cfg.model.family
     log(f"loading {cfg.model.path} ({cfg.model.dtype}) on {device}")
-    components = checkpoint.load(cfg.model.path, dtype=dtype, device=device, family=family,
-                                 allow_pickle=cfg.model.allow_pickle)  # fmt: skip
+    try:
+        components = checkpoint.load(cfg.model.path, dtype=dtype, device=device, family=family,
+                                     allow_pickle=cfg.model.allow_pickle)  # fmt: skip
+    except PickleRefused:
+        if cfg.model.allow_pickle:  # refused by weights_only=True itself: its message says why
+            raise
+        raise ConfigError(f"model.path = {cfg.model.path!r} is a pickle file, which can run code when loaded: convert "
+                          "it to .safetensors, or set model.allow_pickle=true (read with weights_only=True)") from None
     if dtype == torch.float16:  # the SDXL VAE overflows in fp16 (formats.md): encode in fp32
         components.vae = components.vae.float()
     log(f"model: {components.family.name}")
@@ -269,24 +252,29 @@ def _text_key(s: Setup, caption: str) -> str:
 
 
 @torch.no_grad()
-def _fill_cache(s: Setup, log: Log, progress: bool) -> None:
-    """Encode every image (both flips when flipping) and caption not yet in the cache."""
+def _fill_cache(s: Setup, log: Log, progress: bool, rank: int = 0, world: int = 1) -> None:
+    """Encode every image (both flips when flipping) and caption not yet in the cache; under
+    torchrun rank r encodes every world-th missing entry (the caller then waits at a barrier)."""
     from tqdm import tqdm
 
     c, data = s.components, s.dataset
+    share = f" (rank 0's share of {world} processes)" if world > 1 else ""
     if s.cache_latents:
         flips = (False, True) if data.flip else (False,)
         keys = {(i, f): _latent_key(s, i, f) for i in range(len(data)) for f in flips}
-        todo = [i_f for i_f, key in keys.items() if not s.cache.path("latent", key).is_file()]
-        log(f"cache: {len(data) * len(flips) - len(todo)} latents cached, encoding {len(todo)} in {s.cache.root}")
+        # split by position in the full list: ranks see other ranks' writes at different times
+        todo = [i_f for n, (i_f, key) in enumerate(keys.items())
+                if not s.cache.path("latent", key).is_file() and n % world == rank]  # fmt: skip
+        log(f"cache: {len(keys)} latents, encoding {len(todo)}{share} in {s.cache.root}")
         for i, f in tqdm(todo, desc="latents", disable=not progress or not todo, leave=False):
             item = data.load_item(i, torch.Generator().manual_seed(0), flip=f)  # leaves the global RNG alone
             enc = encode_latents(c.vae, item["pixels"][None].to(s.device), c.family.vae.scaling_factor)
             s.cache.put("latent", keys[i, f], {"time_ids": item["time_ids"], **{k: v[0] for k, v in enc.items()}})
     if s.cache_text:
         captions = sorted({it.caption for it in data.items} | ({""} if s.cfg.data.caption_dropout > 0 else set()))
-        todo = [cap for cap in captions if not s.cache.path("text", _text_key(s, cap)).is_file()]
-        log(f"cache: {len(captions) - len(todo)} captions cached, encoding {len(todo)}")
+        todo = [cap for n, cap in enumerate(captions)
+                if not s.cache.path("text", _text_key(s, cap)).is_file() and n % world == rank]  # fmt: skip
+        log(f"cache: {len(captions)} captions, encoding {len(todo)}{share}")
         encode = TextConditioner(c)
         for cap in tqdm(todo, desc="text", disable=not progress or not todo, leave=False):
             s.cache.put("text", _text_key(s, cap), {k: v[0].float() for k, v in encode([cap]).items()})
@@ -334,7 +322,7 @@ def save_state(folder: Path, step: int, networks: dict[str, lora.LoRANetwork], o
     tensors["rng.python"] = torch.tensor(py_state[1], dtype=torch.int64)
     name = f"state-step{step}.safetensors"
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_write(folder / name, lambda tmp: save_file(tensors, tmp, metadata={"step": str(step)}))
+    atomic_write(folder / name, lambda tmp: save_file(tensors, tmp, metadata={"step": str(step)}))
     meta = {
         "format": STATE_FORMAT,
         "step": step,
@@ -346,7 +334,7 @@ def save_state(folder: Path, step: int, networks: dict[str, lora.LoRANetwork], o
         "elapsed": elapsed,
         "config": cfg.to_dict(),
     }
-    _write_text(folder / "state.json", json.dumps(meta))
+    write_text(folder / "state.json", json.dumps(meta))
     for old in folder.glob("state-step*.safetensors"):
         if old.name != name:
             old.unlink()
@@ -397,7 +385,7 @@ def _csv_row(h: list[float]) -> str:
 
 
 def write_loss_csv(path: Path, history: list[list[float]]) -> None:
-    _write_text(path, "step,loss,lr,time\n" + "".join(_csv_row(h) for h in history))
+    write_text(path, "step,loss,lr,time\n" + "".join(_csv_row(h) for h in history))
 
 
 def plot_loss(path: Path, history: list[list[float]], title: str = "training loss") -> None:
@@ -440,7 +428,7 @@ def plot_loss(path: Path, history: list[list[float]], title: str = "training los
         draw.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(20, 60, 160), width=2)
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
     draw.text((width // 2 - 12, height - 16), "step", fill="black", font=font)
-    _atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def _tensorboard(folder: Path, enabled: bool, log: Log):
@@ -471,14 +459,21 @@ def train(
 
     out = Path(cfg.save.output_dir)
     t_cfg, o_cfg = cfg.train, cfg.optim
+    faults.check_outputs(out, cfg.save.name, cfg.save.overwrite or t_cfg.resume or resume_dir is not None)
+
+    w = distributed.init(resolve_device(t_cfg.device))  # torchrun: join the group; else one process
+    if not w.main:  # only rank 0 logs and writes files
+        log, progress = (lambda msg: None), False
 
     # -- models, data, cache --------------------------------------------------------------
     s = _load_setup(cfg, log)
     c, device = s.components, s.device
     prediction = c.family.prediction if t_cfg.prediction == "auto" else t_cfg.prediction
-    _fill_cache(s, log, progress)
+    _fill_cache(s, log, progress, w.rank, w.size)
+    distributed.barrier()  # every rank's share of the cache is written
     validation = None  # built before the VAE / text encoders are freed: it keeps what it needs
-    if cfg.sample.prompts and cfg.sample.every_n_steps:
+    fsdp = t_cfg.fsdp and w.distributed
+    if cfg.sample.prompts and cfg.sample.every_n_steps and w.main and not fsdp:
         validation = pipeline.Validation(c, cfg.sample, out, encode_now=not cfg.lora.train_text_encoder,
                                          prediction=prediction)  # fmt: skip
     if s.cache_latents:
@@ -507,6 +502,21 @@ def train(
     text_encoder = None if s.cache_text else TextConditioner(c)
     n_params = sum(p.numel() for net in networks.values() for p in net.lora_parameters())
     log(f"lora: rank {lo.rank}, alpha {lo.alpha}, {n_params:,} trainable parameters in {', '.join(networks)}")
+    # data parallel: DDP over the UNet (and trained text encoders); FSDP2 shards the frozen UNet
+    model, synced = c.unet, []
+    if fsdp:
+        distributed.broadcast_params([p for net in networks.values() for p in net.lora_parameters()])
+        distributed.shard_unet(c.unet, networks["unet"].lora_parameters())
+        log(f"fsdp: frozen UNet sharded per block over {w.size} processes")
+    elif w.distributed:
+        model = distributed.wrap_ddp(c.unet, w)
+        synced = [model]
+        if text_encoder is not None and lo.train_text_encoder:
+            text_encoder.te1 = distributed.wrap_ddp(c.te1, w, find_unused=True)
+            synced.append(text_encoder.te1)
+            if c.te2 is not None:
+                text_encoder.te2 = distributed.wrap_ddp(c.te2, w, find_unused=True)
+                synced.append(text_encoder.te2)
 
     # -- optimizer: one param group per component, each with its own LR --------------------
     groups = [{"params": net.lora_parameters(), "lr": o_cfg.unet_lr if kind == "unet" else o_cfg.text_encoder_lr,
@@ -526,7 +536,11 @@ def train(
     root = Path(cfg.data.dir)
     repeats = [it.repeats if any(_REPEATS_DIR.match(p) for p in it.path.relative_to(root).parent.parts)
                else cfg.data.repeats for it in s.dataset.items]  # fmt: skip
-    sampler = BucketBatchSampler(s.dataset.buckets, t_cfg.batch_size, t_cfg.seed, repeats=repeats)
+    # global batches (batch_size × processes, one bucket); each rank runs its slice of each
+    sampler = BucketBatchSampler(s.dataset.buckets, t_cfg.batch_size * w.size, t_cfg.seed, repeats=repeats)
+    if t_cfg.batch_size > sum(repeats):
+        raise ConfigError(f"train.batch_size = {t_cfg.batch_size} is larger than the {sum(repeats)} samples per "
+                          f"epoch in {cfg.data.dir}: lower train.batch_size or add images")  # fmt: skip
     steps_per_epoch = max(1, len(sampler) // t_cfg.grad_accum)
     total = t_cfg.max_steps or t_cfg.epochs * steps_per_epoch
     if t_cfg.max_steps and t_cfg.epochs:
@@ -550,10 +564,14 @@ def train(
                     m.lora_down.weight.copy_(tensors[f"lora.{kind}.{name}.lora_down.weight"])
                     m.lora_up.weight.copy_(tensors[f"lora.{kind}.{name}.lora_up.weight"])
         optimizer.load_state_dict(_optimizer_state(meta, tensors))
-        sampler.load_state_dict(meta["sampler"])
+        if not distributed.restore_sampler(sampler, meta["sampler"]):
+            log(f"resume: global batch {meta['sampler']['global_batch']} → {sampler.batch_size}, "
+                "continuing at the same epoch and sample count (not the same batches)")  # fmt: skip
         _restore_rng(meta, tensors, generators)
         step, history, elapsed0 = meta["step"], meta["history"], meta["elapsed"]
         log(f"resumed from {resume_dir} at step {step}")
+    if w.rank:  # LoRA dropout masks differ per rank (global torch RNG); data / noise generators do not
+        torch.manual_seed((t_cfg.seed * 1_000_003 + w.rank * 65_537 + step) % (1 << 63))
 
     def batches() -> Iterator[list[int]]:
         while True:
@@ -562,19 +580,24 @@ def train(
     batch_iter = batches()
     captions_cfg = s.dataset.captions
 
-    def next_batch() -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        """x0 (B,4,h,w), text conditioning and time_ids (B,6) for the next batch of the sampler."""
+    def next_batch() -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, slice, int, float]:
+        """This rank's part of the next global batch of n: x0 (b,4,h,w), text conditioning,
+        time_ids (b,6), its rows of the global batch, n, and its loss scale (`slice_weights`)."""
         idx = next(batch_iter)
+        rows, scale = distributed.slice_weights(len(idx), w.rank, w.size)
+        # one generator per sample, seeded from data_gen for the whole global batch: every rank
+        # stays in step, and a sample's flip / crop / caption do not depend on which rank loads it
+        gens = [torch.Generator().manual_seed(int(torch.randint(1 << 62, (), generator=data_gen))) for _ in idx]
         latents, captions, time_ids = [], [], []
-        for i in idx:
+        for i, item_gen in zip(idx[rows], gens[rows]):
             if s.cache_latents:  # same random draws, in the same order, as dataset.load_item
-                flip = s.dataset.flip and float(torch.rand((), generator=data_gen)) < 0.5
-                caption = process_caption(s.dataset[i].caption, captions_cfg, data_gen)
+                flip = s.dataset.flip and float(torch.rand((), generator=item_gen)) < 0.5
+                caption = process_caption(s.dataset[i].caption, captions_cfg, item_gen)
                 entry = s.cache.get("latent", _latent_key(s, i, flip))
                 latents.append(entry)
                 time_ids.append(entry["time_ids"])
             else:
-                item = s.dataset.load_item(i, data_gen)
+                item = s.dataset.load_item(i, item_gen)
                 caption, pixels = item["caption"], item["pixels"][None].to(device)
                 with torch.no_grad():
                     enc = encode_latents(c.vae, pixels, c.family.vae.scaling_factor)
@@ -583,7 +606,7 @@ def train(
             captions.append(caption)
         mean = torch.stack([d["mean"] for d in latents]).to(device)
         std = torch.stack([d["std"] for d in latents]).to(device)
-        eps = torch.randn(mean.shape, generator=noise_gen, device=device)
+        eps = torch.randn((len(idx), *mean.shape[1:]), generator=noise_gen, device=device)[rows]  # global draw
         x0 = mean + std * eps
         if s.cache_text:
             entries = [s.cache.get("text", _text_key(s, cap)) for cap in captions]
@@ -591,27 +614,32 @@ def train(
         else:
             with torch.set_grad_enabled(lo.train_text_encoder):
                 cond = text_encoder(captions)
-        return x0, cond, torch.stack(time_ids).to(device)
+        return x0, cond, torch.stack(time_ids).to(device), rows, len(idx), scale
 
     # -- the loop -------------------------------------------------------------------------
-    out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "config.toml", cfg.to_toml())
-    writer = _tensorboard(out, cfg.log.tensorboard, log)
+    if w.main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in remove_temp_files(out) + remove_temp_files(out / "state"):
+            log(f"removed {stale}, a partial write of a killed run")
+        write_text(out / "config.toml", cfg.to_toml())
+    writer = _tensorboard(out, cfg.log.tensorboard and w.main, log)
     params = [p for g in groups for p in g["params"]]
     pending: list[tuple[int, torch.Tensor, float, float]] = []  # (step, loss on device, lr, time): synced at log
     ema = history[-1][1] if history else None
     t_start = time.perf_counter() - elapsed0
-    log(f"training {total} steps (batch {t_cfg.batch_size} × accumulation {t_cfg.grad_accum}, "
-        f"{steps_per_epoch} steps per epoch) → {out}")  # fmt: skip
+    log(f"training {total} steps (batch {t_cfg.batch_size} × {w.size} processes × accumulation {t_cfg.grad_accum}"
+        f" = global batch {t_cfg.batch_size * w.size * t_cfg.grad_accum}, {steps_per_epoch} steps per epoch) → {out}")
     bar = tqdm(total=total, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
     lora_path = None
 
-    write_loss_csv(out / "loss.csv", history)  # the header (and, when resuming, the rows so far)
+    if w.main:
+        write_loss_csv(out / "loss.csv", history)  # the header (and, when resuming, the rows so far)
     n_written = len(history)
 
     def flush() -> None:
         nonlocal ema, n_written
-        if not pending:
+        if not pending or not w.main:  # other ranks keep no history and write nothing
+            pending.clear()
             return
         values = torch.stack([p[1] for p in pending]).tolist()  # one device sync per log interval
         for (st, _, lr, t), v in zip(pending, values):
@@ -629,7 +657,9 @@ def train(
             post["mem"] = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}G"
         bar.set_postfix(post, refresh=False)
 
-    def save(final: bool) -> Path:
+    def save(final: bool) -> Path | None:
+        if not w.main:
+            return None
         flush()
         meta = lora.lora_metadata(
             c.family.name, rank=lo.rank, alpha=lo.alpha, steps=step, epoch=sampler.epoch,
@@ -639,30 +669,46 @@ def train(
         name = f"{cfg.save.name}.safetensors" if final else f"{cfg.save.name}-step{step}.safetensors"
         path = out / name
         lora.save_lora(path, list(networks.values()), metadata=meta, dtype=DTYPES[cfg.save.save_dtype])
-        save_state(out / "state", step, networks, optimizer, sampler.state_dict(), generators, history,
+        save_state(out / "state", step, networks, optimizer, distributed.sampler_state(sampler), generators, history,
                    time.perf_counter() - t_start, cfg)  # fmt: skip
         plot_loss(out / "loss.png", history, title=f"{cfg.save.name}: loss per step")
         return path
 
-    interrupted, saved_at = False, 0
+    interrupted, saved_at, fault = False, 0, None
+    guard = faults.NonFiniteGuard(t_cfg.max_nonfinite)
+    stop = faults.StopSignals(log).install()  # SIGINT / SIGTERM: finish this step, save, exit 130 / 143
     try:
-        while step < total:
+        while step < total and not stop.signum:
             lr_scale = lr_factor(step, total, o_cfg.warmup_steps, o_cfg.schedule)
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * lr_scale
             step_loss = torch.zeros((), device=device)
-            for _ in range(t_cfg.grad_accum):
-                x0, cond, time_ids = next_batch()
-                t = diffusion.sample_timesteps(x0.shape[0], generator=noise_gen, device=device)
-                noise = torch.randn(x0.shape, generator=noise_gen, device=device)
-                noise = diffusion.offset_noise(noise, t_cfg.noise_offset, noise_gen)
+            for micro in range(t_cfg.grad_accum):
+                x0, cond, time_ids, rows, n, scale = next_batch()
+                # drawn for the global batch and sliced: N processes = one with the N× batch
+                t = diffusion.sample_timesteps(n, generator=noise_gen, device=device)[rows]
+                noise = torch.randn((n, *x0.shape[1:]), generator=noise_gen, device=device)
+                noise = diffusion.offset_noise(noise, t_cfg.noise_offset, noise_gen)[rows]
                 # no autocast: the UNet casts its inputs to its weights' dtype and LoRA casts its
                 # fp32 weights to the activations' dtype, so nothing is cast twice
-                loss = diffusion_loss(c.unet, x0, cond, time_ids, t, noise, ac, prediction, t_cfg.min_snr_gamma)
-                (loss / t_cfg.grad_accum).backward()
+                with distributed.no_sync(synced, skip=micro < t_cfg.grad_accum - 1):  # all-reduce once
+                    loss = scale * diffusion_loss(model, x0, cond, time_ids, t, noise, ac, prediction,
+                                                  t_cfg.min_snr_gamma)  # fmt: skip
+                    (loss / t_cfg.grad_accum).backward()
                 step_loss += loss.detach() / t_cfg.grad_accum
-            if t_cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, t_cfg.max_grad_norm)
+            if fsdp:
+                distributed.all_reduce_grads(params)
+            if w.distributed:  # the logged loss is the global batch's
+                step_loss = distributed.all_reduce_sum_(step_loss) / w.size
+            norm = torch.nn.utils.clip_grad_norm_(params, t_cfg.max_grad_norm) if t_cfg.max_grad_norm > 0 else None
+            if guard.enabled and not guard.observe(faults.all_finite(step_loss, norm)):  # skip: no update
+                optimizer.zero_grad(set_to_none=True)
+                log(f"step {step + 1}: loss {float(step_loss)}, gradient norm {norm and float(norm)}: step skipped "
+                    f"({guard.in_row} in a row, {guard.skipped} in all)")  # fmt: skip
+                if guard.exhausted:
+                    interrupted, fault = True, guard.error(step, out / "state")
+                    break
+                continue
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -679,9 +725,19 @@ def train(
                 break
     except KeyboardInterrupt:
         interrupted = True
+        stop.keyboard_interrupt()
         log(f"\ninterrupted at step {step}: saving state, resume with train.resume=true")
+    except torch.OutOfMemoryError:
+        optimizer.zero_grad(set_to_none=True)
+        interrupted = True
+        fault = faults.out_of_memory(step + 1, t_cfg.batch_size, cfg.data.resolution, t_cfg.gradient_checkpointing,
+                                     s.cache_latents and s.cache_text)  # fmt: skip
     finally:
         bar.close()
+        stop.restore()
+    if device.type == "cuda" and fault is not None:
+        torch.cuda.empty_cache()
+    interrupted = interrupted or bool(stop.signum)
     if interrupted and step and saved_at != step:
         lora_path = save(final=False)
     elif not interrupted:
@@ -689,5 +745,12 @@ def train(
         log(f"saved {lora_path}, {out / 'loss.csv'}, {out / 'loss.png'}")
     if writer is not None:
         writer.close()
-    return TrainResult(out, lora_path, step, [h[1] for h in history], c, networks, interrupted)
+    if fault is not None:
+        raise fault
+    if guard.skipped:
+        log(f"{guard.skipped} steps skipped for a NaN/inf loss or gradient")
+    distributed.barrier()  # rank 0's files are written when train() returns on any rank
+    distributed.cleanup(w)
+    return TrainResult(out, lora_path, step, [h[1] for h in history], c, networks, interrupted,
+                       stop.signum if interrupted else 0, guard.skipped)  # fmt: skip
 
