@@ -13,7 +13,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install -q --upgrade pip
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install -q $(TORCH_PIN)
+	$(if $(TORCH_PIN),$(BIN)/python -m pip install -q $(TORCH_PIN))
 	$(BIN)/python -m pip install -q -e .
 	touch $@
 
