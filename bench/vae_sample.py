@@ -174,7 +174,8 @@ def run_ours(family, device, dtype, inp: Inputs, s: Settings, rows: list[dict], 
         def loop():
             result["latents"] = samplers.sample_dpmpp_2m(model, x_start, sigmas)
 
-        emit(sample_row(impl, "sample_loop (eager)", timed(loop, device, s, warmup=1), device, s), rows)
+        eager_op = "sample_loop (eager)" if device.type == "cuda" else "sample_loop"  # the pipeline's path on CPU
+        emit(sample_row(impl, eager_op, timed(loop, device, s, warmup=1), device, s), rows)
         if device.type == "cuda":  # the pipeline's own path: UNet calls replayed from a CUDA graph
             graphed = samplers.cfg_model(samplers.Denoiser(speed.GraphedForward(unet), ac, pipe.prediction),
                                          pipe.unet_inputs(cond, size), pipe.unet_inputs(uncond, size), s.cfg)

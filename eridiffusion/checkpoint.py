@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from eridiffusion.io import atomic_write
 from eridiffusion.models.clip import CLIPTextConfig, CLIPTextModel, OpenCLIPTextConfig, OpenCLIPTextModel
 from eridiffusion.models.unet import UNet, UNetConfig
 from eridiffusion.models.vae import AutoencoderKL, VAEConfig
@@ -348,22 +348,8 @@ def save(
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
             tensors[prefixes[part] + k] = t.to("cpu").contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    header = {"format": "pt", **(metadata or {})}
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=header))
     return path
 
 

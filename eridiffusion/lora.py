@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from eridiffusion.io import atomic_write
 
 PREFIXES = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_", "te": "lora_te_"}
 
@@ -569,7 +570,7 @@ def save_lora(
     metadata: Mapping[str, str] | None = None,
     dtype: torch.dtype = torch.float16,
 ) -> None:
-    """Write a kohya LoRA file atomically (temp file in the same folder, fsync, os.replace).
+    """Write a kohya LoRA file atomically (`io.atomic_write`: a crash keeps the previous file).
 
     down/up in `dtype`; alpha always written (fp32 scalar: a missing alpha reads as scale 1).
     """
@@ -582,25 +583,8 @@ def save_lora(
             tensors[k] = v.to("cpu", torch.float32 if k.endswith(".alpha") else dtype).contiguous()
     if not tensors:
         raise LoRAError(f"save_lora: nothing to write to {path}; the networks are empty")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename durable (POSIX)
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+    header = {k: str(v) for k, v in (metadata or {}).items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
 _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")

@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from PIL.PngImagePlugin import PngInfo
 from torch import Tensor, nn
 
 from eridiffusion import __version__, checkpoint, diffusion, lora, samplers, speed
+from eridiffusion.io import atomic_write
 from eridiffusion.models.tokenizer import CLIPTokenizer
 from eridiffusion.models.unet import sdxl_vector
 
@@ -445,15 +445,7 @@ class Validation:
                 "sampler": self.cfg.sampler, "steps": self.cfg.steps, "cfg": self.cfg.cfg, "size": list(self.cfg.size)}
         info.add_text("eridiffusion", json.dumps(meta, ensure_ascii=False))
         path = self.folder / f"step{step:06d}.png"
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.folder)
-        os.close(fd)
-        try:
-            grid.save(tmp, format="PNG", pnginfo=info)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda tmp: grid.save(tmp, format="PNG", pnginfo=info))
         if writer is not None:
             import numpy as np
 

@@ -5,7 +5,7 @@ where settings holds everything the tensors depend on: model identity, bucket, c
 dtype, and for text embeddings the caption itself. Editing an image (new bytes) or any
 setting gives a new key, so stale entries are never read; identical content under any file
 name reuses the entry. Entries live at `cache_dir/<kind>/<key[:2]>/<key>.safetensors` and are
-written atomically (temp file in the same folder, fsync, `os.replace`), so a crash or a
+written atomically (`io.atomic_write`: temp file, fsync, `os.replace`), so a crash or a
 concurrent writer never leaves a half-written entry under a final name.
 
 Augmentation with cached latents: latents are cached for the deterministic transform only.
@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
+
+from eridiffusion.io import write_bytes
 
 _KIND = re.compile(r"^[a-z0-9_]+$")
 _KEY = re.compile(r"^[0-9a-f]{64}$")
@@ -118,20 +119,9 @@ class TensorCache:
         return None
 
     def put(self, kind: str, key: str, tensors: Mapping[str, torch.Tensor]) -> Path:
-        """Write atomically: temp file in the target folder, fsync, then `os.replace`."""
+        """Write atomically (`io.atomic_write`): a reader never sees a torn entry."""
         path = self.path(kind, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = save({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()})
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:8]}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_bytes(path, save({name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}))
         self.stats.writes += 1
         return path
 
