@@ -240,6 +240,16 @@ def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def agree_max(value: int, device: torch.device) -> int:
+    """The largest `value` over all ranks (every rank must call it): a stop signal seen by one
+    rank stops all of them at the same step, instead of leaving the others in an all-reduce."""
+    if world() == 1:
+        return value
+    t = torch.tensor(value, dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
 def shard_unet(unet: nn.Module, trainable: list[nn.Parameter]) -> nn.Module:
     """FSDP2: shard the frozen weights of every `input_blocks.i`, `middle_block`,
     `output_blocks.i` (one all-gather per block), then the rest at the root. The LoRA

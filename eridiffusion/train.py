@@ -538,9 +538,10 @@ def train(
                else cfg.data.repeats for it in s.dataset.items]  # fmt: skip
     # global batches (batch_size × processes, one bucket); each rank runs its slice of each
     sampler = BucketBatchSampler(s.dataset.buckets, t_cfg.batch_size * w.size, t_cfg.seed, repeats=repeats)
-    if t_cfg.batch_size > sum(repeats):
-        raise ConfigError(f"train.batch_size = {t_cfg.batch_size} is larger than the {sum(repeats)} samples per "
-                          f"epoch in {cfg.data.dir}: lower train.batch_size or add images")  # fmt: skip
+    if t_cfg.batch_size * w.size > sum(repeats):
+        procs = f" × {w.size} processes" if w.size > 1 else ""
+        raise ConfigError(f"train.batch_size = {t_cfg.batch_size}{procs} is larger than the {sum(repeats)} samples "
+                          f"per epoch in {cfg.data.dir}: lower train.batch_size or add images")  # fmt: skip
     steps_per_epoch = max(1, len(sampler) // t_cfg.grad_accum)
     total = t_cfg.max_steps or t_cfg.epochs * steps_per_epoch
     if t_cfg.max_steps and t_cfg.epochs:
@@ -678,7 +679,11 @@ def train(
     guard = faults.NonFiniteGuard(t_cfg.max_nonfinite)
     stop = faults.StopSignals(log).install()  # SIGINT / SIGTERM: finish this step, save, exit 130 / 143
     try:
-        while step < total and not stop.signum:
+        while step < total:
+            if w.distributed:  # all ranks stop at the same step
+                stop.signum = distributed.agree_max(stop.signum, device)
+            if stop.signum:
+                break
             lr_scale = lr_factor(step, total, o_cfg.warmup_steps, o_cfg.schedule)
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * lr_scale

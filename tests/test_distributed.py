@@ -183,3 +183,18 @@ def test_bench_ddp_step_tiny(tmp_path):
     assert row["mode"] == "ddp" and row["world"] == 2 and row["global_batch"] == 4
     assert len(row["per_rank"]) == 2 and row["img_per_s_total"] > 0 and row["img_per_s_per_rank"] > 0
     assert [ln for ln in proc.stdout.splitlines() if ln.startswith("{")] != []
+
+
+def _agree_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    w = distributed.init(torch.device("cpu"))
+    seen = 15 if rank == 1 else 0  # SIGTERM seen by rank 1 only
+    Path(out, f"rank{rank}").write_text(str(distributed.agree_max(seen, torch.device("cpu"))))
+    distributed.cleanup(w)
+
+
+def test_a_stop_signal_on_one_rank_stops_every_rank(tmp_path):
+    mp.start_processes(_agree_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")  # fmt: skip
+    assert [Path(tmp_path, f"rank{r}").read_text() for r in (0, 1)] == ["15", "15"]
