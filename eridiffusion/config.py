@@ -87,6 +87,7 @@ class TrainSection:
     epochs: int = 0  # 0 = no epoch limit
     seed: int = 42
     gradient_checkpointing: bool = False
+    compile: bool = False  # regional torch.compile of the UNet blocks (eridiffusion/speed.py)
     max_grad_norm: float = 1.0  # 0 = no clipping
     prediction: Literal["auto", "epsilon", "v_prediction"] = "auto"
     noise_offset: float = 0.0

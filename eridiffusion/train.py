@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from eridiffusion import checkpoint, diffusion, distributed, faults, lora, pipeline
+from eridiffusion import checkpoint, diffusion, distributed, faults, lora, pipeline, speed
 from eridiffusion.config import ConfigError, TrainConfig
 from eridiffusion.data.buckets import BucketBatchSampler, BucketConfig
 from eridiffusion.data.cache import TensorCache, latent_settings, make_key, text_settings
@@ -497,8 +497,8 @@ def train(
         else:
             networks["te1"] = lora.inject(c.te1, "te1", lo.rank, lo.alpha, dropout=lo.dropout)
             networks["te2"] = lora.inject(c.te2, "te2", lo.rank, lo.alpha, dropout=lo.dropout)
-    c.unet.train()
     c.unet.gradient_checkpointing = t_cfg.gradient_checkpointing
+    speed.optimize_for_training(c.unet, compile=t_cfg.compile)  # train mode; TF32 and cuDNN autotune on CUDA
     text_encoder = None if s.cache_text else TextConditioner(c)
     n_params = sum(p.numel() for net in networks.values() for p in net.lora_parameters())
     log(f"lora: rank {lo.rank}, alpha {lo.alpha}, {n_params:,} trainable parameters in {', '.join(networks)}")
