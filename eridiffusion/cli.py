@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eri", description="LoRA training for SDXL and SD1.5.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS.values():
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, add_help=not cmd.passthrough)
         for flags, kwargs in cmd.args:
             p.add_argument(*flags, **kwargs)
         p.set_defaults(run=cmd.run)
@@ -209,12 +209,13 @@ def train(args: argparse.Namespace) -> int:
     from eridiffusion import faults
     from eridiffusion.config import ConfigError, TrainConfig
     from eridiffusion.data.dataset import DatasetError
+    from eridiffusion.pipeline import PipelineError
     from eridiffusion.train import train as run
 
     overrides = [*args.overrides, *(["save.overwrite=true"] if args.overwrite else [])]
     try:
         result = run(TrainConfig.from_toml(args.config, overrides), resume_dir=args.resume)
-    except (ConfigError, DatasetError) as e:
+    except (ConfigError, DatasetError, PipelineError) as e:
         print(f"eri train: {e}", file=sys.stderr)
         return 2
     except faults.FaultError as e:

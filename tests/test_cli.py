@@ -189,3 +189,8 @@ def test_bench_runs_the_benchmark_script_and_needs_cuda(capsys, monkeypatch):
     assert cli.main(["bench", "--cases", "b1_eager"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no CUDA GPU" in err[0]
+
+
+def test_bench_help_is_the_benchmark_scripts_own(capsys):
+    assert cli.main(["bench", "--help"]) == 0
+    assert "--cases" in capsys.readouterr().out
