@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -258,7 +259,7 @@ class TrainConfig:
             ("train.max_grad_norm", t.max_grad_norm >= 0, ">= 0 (0 = no clipping)"),
             ("train.noise_offset", t.noise_offset >= 0, ">= 0"),
             ("train.min_snr_gamma", t.min_snr_gamma >= 0, ">= 0 (0 = off)"),
-            ("train.device", t.device == "auto" or t.device.split(":")[0] in ("cpu", "cuda", "mps"),
+            ("train.device", re.fullmatch(r"auto|cpu|(cuda|mps)(:\d+)?", t.device) is not None,
              "auto, cpu, cuda, cuda:N or mps"),
             ("train.max_nonfinite", t.max_nonfinite >= 0, ">= 0 (0 = no check)"),
             ("save.every_n_steps", self.save.every_n_steps >= 0, ">= 0 (0 = only at the end)"),

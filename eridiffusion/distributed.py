@@ -37,6 +37,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from eridiffusion.config import ConfigError
+
 # Rank 0 may spend long stretches alone (validation images, saving): wait this long at a
 # collective before calling the run hung. ERI_DIST_TIMEOUT_MIN overrides it.
 DEFAULT_TIMEOUT_MIN = 60
@@ -110,7 +112,7 @@ def _local_device(device: torch.device, local_rank: int, size: int) -> torch.dev
         return device
     count = torch.cuda.device_count()
     if local_rank >= count:
-        raise RuntimeError(
+        raise ConfigError(
             f"LOCAL_RANK={local_rank} but this host has {count} CUDA devices; use --nproc-per-node {count} or fewer"
         )
     return torch.device("cuda", local_rank)
@@ -207,7 +209,9 @@ def wrap_ddp(module: nn.Module, w: World, find_unused: bool = False) -> nn.Modul
 
 def no_sync(modules: Iterable[nn.Module], skip: bool):
     """Context: while `skip`, DDP modules accumulate gradients locally (grad accumulation
-    micro-steps before the last); FSDP2 modules skip their gradient reduction too."""
+    micro-steps before the last). Forwards must run inside it too: DDP decides at forward
+    time whether the backward all-reduces. Not needed under FSDP2, whose sharded weights
+    are frozen (nothing to reduce-scatter) and whose LoRA grads go through `all_reduce_grads`."""
     stack = contextlib.ExitStack()
     if skip:
         for m in modules:

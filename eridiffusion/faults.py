@@ -92,10 +92,14 @@ class NonFiniteGuard:
         return False
 
     def error(self, step: int, state_dir: Path) -> NonFiniteLoss:
+        """The error after `step` good steps; with none there is no state to resume from."""
+        if step:
+            saved, then = f"state of step {step} saved in {state_dir}", "resume with train.resume=true"
+        else:
+            saved, then = "no step completed, nothing saved", "run again"
         return NonFiniteLoss(
             f"loss was NaN/inf in {self.in_row} steps in a row after step {step} ({self.skipped} skipped in all); "
-            f"state of step {step} saved in {state_dir}: lower optim.unet_lr, use model.dtype=bf16 or fp32, "
-            "or raise train.max_nonfinite, then resume with train.resume=true"
+            f"{saved}: lower optim.unet_lr, use model.dtype=bf16 or fp32, or raise train.max_nonfinite, then {then}"
         )
 
 

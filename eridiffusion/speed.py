@@ -29,8 +29,14 @@ def set_fast_math() -> None:
     torch.backends.cudnn.benchmark = True
 
 
-def compile_regions(unet: UNet, scope: str = "blocks", mode: str | None = None, backend: str = "inductor") -> int:
-    """Compile regions of `unet` in place; returns how many modules were wrapped."""
+def compile_regions(
+    unet: UNet, scope: str = "blocks", mode: str | None = None, backend: str = "inductor", dynamic: bool | None = False
+) -> int:
+    """Compile regions of `unet` in place; returns how many modules were wrapped.
+
+    `dynamic=None` lets a second input shape (another aspect bucket) recompile once into a
+    shape-generic graph instead of one graph per bucket (torch stops recompiling after 8 and
+    silently runs the region eagerly); `False` specialises on the one shape of a benchmark."""
     if scope not in SCOPES:
         raise ValueError(f"compile scope {scope!r} unknown; use one of {SCOPES}")
     if scope == "none":
@@ -40,7 +46,7 @@ def compile_regions(unet: UNet, scope: str = "blocks", mode: str | None = None, 
     else:
         regions = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
     for m in regions:
-        m.compile(backend=backend, mode=mode, dynamic=False)
+        m.compile(backend=backend, mode=mode, dynamic=dynamic)
     return len(regions)
 
 
@@ -60,7 +66,7 @@ def attention_priority(backend: str = "auto"):
 
 def optimize_for_training(
     unet: UNet, compile: bool = True, scope: str = "blocks", channels_last: bool = False, mode: str | None = None,
-    backend: str = "inductor",
+    backend: str = "inductor", dynamic: bool | None = False,
 ) -> UNet:
     """Make `unet` fast for LoRA training on CUDA (in place) and return it. Regional compile
     measured +21% at batch 4 on an H100 (docs/benchmarks.md); the first step compiles (~50 s)."""
@@ -70,7 +76,7 @@ def optimize_for_training(
     if channels_last:
         unet.to(memory_format=torch.channels_last)
     if compile:
-        compile_regions(unet, scope=scope, mode=mode, backend=backend)
+        compile_regions(unet, scope=scope, mode=mode, backend=backend, dynamic=dynamic)
     return unet
 
 

@@ -85,12 +85,11 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    """`train.device` as a torch device; under torchrun `cuda` (and `auto` on a GPU host) is cuda:LOCAL_RANK."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device = {name!r} but no CUDA device is available: use train.device=cpu")
-    return distributed.local_device(device)  # cuda:LOCAL_RANK under torchrun
+    return distributed.local_device(device)
 
 
 def seed_everything(seed: int) -> None:
@@ -166,8 +165,8 @@ def diffusion_loss(
     """Mean (min-SNR weighted) MSE between the UNet's output at x_t and the eps / v target."""
     x_t = diffusion.add_noise(x0, noise, t, ac)
     y = None
-    if "pooled" in cond:
-        y = sdxl_vector(cond["pooled"], time_ids.to(cond["pooled"].dtype), unet.cfg.addition_time_embed_dim)
+    if "pooled" in cond:  # time_ids stay fp32 (a bf16 pooled must not round orig sizes like 1237 to 1240)
+        y = sdxl_vector(cond["pooled"], time_ids, unet.cfg.addition_time_embed_dim)
     pred = unet(x_t, t, cond["context"], y)
     target = diffusion.target(prediction, x0, noise, t, ac)
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
@@ -193,12 +192,12 @@ class Setup:
     text_id: str
 
 
-def _load_setup(cfg: TrainConfig, log: Log) -> Setup:
+def _load_setup(cfg: TrainConfig, log: Log, device: torch.device | None = None) -> Setup:
     cfg.check_paths()
     d = cfg.data
     if d.caption_ext != ".txt":  # data/dataset.py reads same-stem .txt files only
         raise ConfigError(f"data.caption_ext = {d.caption_ext!r} is not supported yet: rename the captions to .txt")
-    device, dtype = resolve_device(cfg.train.device), DTYPES[cfg.model.dtype]
+    device, dtype = device or resolve_device(cfg.train.device), DTYPES[cfg.model.dtype]
     family = None if cfg.model.family == "auto" else cfg.model.family
     log(f"loading {cfg.model.path} ({cfg.model.dtype}) on {device}")
     try:
@@ -249,6 +248,15 @@ def _latent_key(s: Setup, i: int, flip: bool) -> str:
 
 def _text_key(s: Setup, caption: str) -> str:
     return make_key(None, text_settings(s.text_id, caption, torch.float32))
+
+
+def _cached(s: Setup, kind: str, key: str) -> dict[str, torch.Tensor]:
+    """A cache entry `_fill_cache` wrote; one line if it was deleted or damaged since."""
+    entry = s.cache.get(kind, key)
+    if entry is None:
+        raise faults.FaultError(f"{s.cache.path(kind, key)}: cache entry unreadable or missing; delete it and run "
+                                "again (train.resume=true continues from the last saved state)")  # fmt: skip
+    return entry
 
 
 @torch.no_grad()
@@ -349,6 +357,37 @@ def load_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if meta.get("format") != STATE_FORMAT:
         raise ConfigError(f"{path}: format {meta.get('format')!r} is not {STATE_FORMAT!r}; start a new run")
     return meta, load_file(folder / meta["tensors"])
+
+
+def _check_resumable(folder: Path, saved: dict, cfg: TrainConfig) -> None:
+    """What a state is tied to: the LoRA layout, the optimizer's kind of state and the data order
+    (train.seed). The rest (LRs, schedule, steps, ...) may change on resume."""
+    now = cfg.to_dict()
+    if saved["lora"] != now["lora"]:
+        raise ConfigError(f"{folder}: the saved run used other [lora] settings; resume with the same ones")
+    for section, key in (("optim", "optimizer"), ("train", "seed")):
+        old, new = saved[section][key], now[section][key]
+        if old != new:
+            raise ConfigError(f"{folder}: {section}.{key} = {json.dumps(new)} but the saved run used {json.dumps(old)}; "
+                              f"resume with {section}.{key}={old} or start a new run")  # fmt: skip
+
+
+def _load_lora_state(networks: dict[str, lora.LoRANetwork], tensors: dict[str, torch.Tensor]) -> None:
+    """The inverse of `save_state`'s `lora.{kind}.{name}.lora_{down,up}.weight` tensors."""
+    with torch.no_grad():
+        for kind, net in networks.items():
+            for name, m in net.loras.items():
+                m.lora_down.weight.copy_(tensors[f"lora.{kind}.{name}.lora_down.weight"])
+                m.lora_up.weight.copy_(tensors[f"lora.{kind}.{name}.lora_up.weight"])
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Moments and step counts from the state; LRs, betas, weight decay (and fused / foreach)
+    stay this run's: `load_state_dict` would bring back the saved groups' settings."""
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(_optimizer_state(meta, tensors))
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
 
 
 def _restore_rng(meta: dict, tensors: dict[str, torch.Tensor], generators: dict[str, torch.Generator]) -> None:
@@ -466,14 +505,16 @@ def train(
         log, progress = (lambda msg: None), False
 
     # -- models, data, cache --------------------------------------------------------------
-    s = _load_setup(cfg, log)
+    s = _load_setup(cfg, log, w.device)
     c, device = s.components, s.device
     prediction = c.family.prediction if t_cfg.prediction == "auto" else t_cfg.prediction
     _fill_cache(s, log, progress, w.rank, w.size)
     distributed.barrier()  # every rank's share of the cache is written
     validation = None  # built before the VAE / text encoders are freed: it keeps what it needs
     fsdp = t_cfg.fsdp and w.distributed
-    if cfg.sample.prompts and cfg.sample.every_n_steps and w.main and not fsdp:
+    if cfg.sample.prompts and cfg.sample.every_n_steps and fsdp:
+        log("sample: previews are off under FSDP (every rank would have to sample the sharded UNet)")
+    elif cfg.sample.prompts and cfg.sample.every_n_steps and w.main:
         validation = pipeline.Validation(c, cfg.sample, out, encode_now=not cfg.lora.train_text_encoder,
                                          prediction=prediction)  # fmt: skip
     if s.cache_latents:
@@ -497,8 +538,12 @@ def train(
         else:
             networks["te1"] = lora.inject(c.te1, "te1", lo.rank, lo.alpha, dropout=lo.dropout)
             networks["te2"] = lora.inject(c.te2, "te2", lo.rank, lo.alpha, dropout=lo.dropout)
+        for te in (c.te1, c.te2):  # loaded in eval mode; previews restore the mode they find
+            if te is not None:
+                te.train()  # LoRA dropout on
     c.unet.gradient_checkpointing = t_cfg.gradient_checkpointing
-    speed.optimize_for_training(c.unet, compile=t_cfg.compile)  # train mode; TF32 and cuDNN autotune on CUDA
+    # train mode, TF32 and cuDNN autotune on CUDA; compiled regions go shape-generic after one recompile (buckets)
+    speed.optimize_for_training(c.unet, compile=t_cfg.compile, dynamic=None)
     text_encoder = None if s.cache_text else TextConditioner(c)
     n_params = sum(p.numel() for net in networks.values() for p in net.lora_parameters())
     log(f"lora: rank {lo.rank}, alpha {lo.alpha}, {n_params:,} trainable parameters in {', '.join(networks)}")
@@ -557,14 +602,9 @@ def train(
         resume_dir = out / "state"
     if resume_dir is not None:
         meta, tensors = load_state(Path(resume_dir))
-        if meta["config"]["lora"] != cfg.to_dict()["lora"]:
-            raise ConfigError(f"{resume_dir}: the saved run used other [lora] settings; resume with the same ones")
-        with torch.no_grad():
-            for kind, net in networks.items():
-                for name, m in net.loras.items():
-                    m.lora_down.weight.copy_(tensors[f"lora.{kind}.{name}.lora_down.weight"])
-                    m.lora_up.weight.copy_(tensors[f"lora.{kind}.{name}.lora_up.weight"])
-        optimizer.load_state_dict(_optimizer_state(meta, tensors))
+        _check_resumable(Path(resume_dir), meta["config"], cfg)
+        _load_lora_state(networks, tensors)
+        _load_optimizer(optimizer, meta, tensors)
         if not distributed.restore_sampler(sampler, meta["sampler"]):
             log(f"resume: global batch {meta['sampler']['global_batch']} → {sampler.batch_size}, "
                 "continuing at the same epoch and sample count (not the same batches)")  # fmt: skip
@@ -594,7 +634,7 @@ def train(
             if s.cache_latents:  # same random draws, in the same order, as dataset.load_item
                 flip = s.dataset.flip and float(torch.rand((), generator=item_gen)) < 0.5
                 caption = process_caption(s.dataset[i].caption, captions_cfg, item_gen)
-                entry = s.cache.get("latent", _latent_key(s, i, flip))
+                entry = _cached(s, "latent", _latent_key(s, i, flip))
                 latents.append(entry)
                 time_ids.append(entry["time_ids"])
             else:
@@ -610,7 +650,7 @@ def train(
         eps = torch.randn((len(idx), *mean.shape[1:]), generator=noise_gen, device=device)[rows]  # global draw
         x0 = mean + std * eps
         if s.cache_text:
-            entries = [s.cache.get("text", _text_key(s, cap)) for cap in captions]
+            entries = [_cached(s, "text", _text_key(s, cap)) for cap in captions]
             cond = {k: torch.stack([e[k] for e in entries]).to(device) for k in entries[0]}
         else:
             with torch.set_grad_enabled(lo.train_text_encoder):
@@ -659,6 +699,7 @@ def train(
         bar.set_postfix(post, refresh=False)
 
     def save(final: bool) -> Path | None:
+        """Rank 0: flush the log, write the LoRA (final name or -step{N}), the state and loss.png."""
         if not w.main:
             return None
         flush()
@@ -689,14 +730,16 @@ def train(
                 g["lr"] = g["base_lr"] * lr_scale
             step_loss = torch.zeros((), device=device)
             for micro in range(t_cfg.grad_accum):
-                x0, cond, time_ids, rows, n, scale = next_batch()
-                # drawn for the global batch and sliced: N processes = one with the N× batch
-                t = diffusion.sample_timesteps(n, generator=noise_gen, device=device)[rows]
-                noise = torch.randn((n, *x0.shape[1:]), generator=noise_gen, device=device)
-                noise = diffusion.offset_noise(noise, t_cfg.noise_offset, noise_gen)[rows]
-                # no autocast: the UNet casts its inputs to its weights' dtype and LoRA casts its
-                # fp32 weights to the activations' dtype, so nothing is cast twice
-                with distributed.no_sync(synced, skip=micro < t_cfg.grad_accum - 1):  # all-reduce once
+                # DDP all-reduces once per step: the micro-steps before the last run their forwards
+                # (the trained text encoders' in next_batch too) and backward in no_sync
+                with distributed.no_sync(synced, skip=micro < t_cfg.grad_accum - 1):
+                    x0, cond, time_ids, rows, n, scale = next_batch()
+                    # drawn for the global batch and sliced: N processes = one with the N× batch
+                    t = diffusion.sample_timesteps(n, generator=noise_gen, device=device)[rows]
+                    noise = torch.randn((n, *x0.shape[1:]), generator=noise_gen, device=device)
+                    noise = diffusion.offset_noise(noise, t_cfg.noise_offset, noise_gen)[rows]
+                    # no autocast: the UNet casts its inputs to its weights' dtype and LoRA casts its
+                    # fp32 weights to the activations' dtype, so nothing is cast twice
                     loss = scale * diffusion_loss(model, x0, cond, time_ids, t, noise, ac, prediction,
                                                   t_cfg.min_snr_gamma)  # fmt: skip
                     (loss / t_cfg.grad_accum).backward()
@@ -708,7 +751,8 @@ def train(
             norm = torch.nn.utils.clip_grad_norm_(params, t_cfg.max_grad_norm) if t_cfg.max_grad_norm > 0 else None
             if guard.enabled and not guard.observe(faults.all_finite(step_loss, norm)):  # skip: no update
                 optimizer.zero_grad(set_to_none=True)
-                log(f"step {step + 1}: loss {float(step_loss)}, gradient norm {norm and float(norm)}: step skipped "
+                norm_value = None if norm is None else float(norm)
+                log(f"step {step + 1}: loss {float(step_loss)}, gradient norm {norm_value}: step skipped "
                     f"({guard.in_row} in a row, {guard.skipped} in all)")  # fmt: skip
                 if guard.exhausted:
                     interrupted, fault = True, guard.error(step, out / "state")
@@ -742,7 +786,7 @@ def train(
         stop.restore()
     if device.type == "cuda" and fault is not None:
         torch.cuda.empty_cache()
-    interrupted = interrupted or bool(stop.signum)
+    interrupted = interrupted or (bool(stop.signum) and step < total)  # a signal in the last step: the run is done
     if interrupted and step and saved_at != step:
         lora_path = save(final=False)
     elif not interrupted:

@@ -118,6 +118,8 @@ def test_wrong_type_is_one_line(raw, expected):
         ({"train": {"grad_accum": -2}}, "train.grad_accum = -2"),
         ({"train": {"max_steps": 0, "epochs": 0}}, "train.max_steps = 0"),
         ({"train": {"device": "tpu"}}, 'train.device = "tpu"'),
+        ({"train": {"device": "cuda:x"}}, 'train.device = "cuda:x"'),  # torch.device would raise a traceback
+        ({"train": {"device": "cpu:"}}, 'train.device = "cpu:"'),
         ({"data": {"caption_dropout": 1.5}}, "data.caption_dropout = 1.5"),
         ({"data": {"resolution": 1004}}, "data.resolution = 1004"),
         ({"data": {"bucket_min": 96}}, "data.bucket_min = 96"),

@@ -110,6 +110,22 @@ def test_slices_cover_the_global_batch_and_weights_give_its_mean(world):
         assert abs(float(ddp_mean - losses.mean())) < 1e-12, (n, world)
 
 
+def test_auto_device_is_this_ranks_gpu_under_torchrun(monkeypatch):
+    """train.device=auto (the default) and cuda both mean cuda:LOCAL_RANK; too few GPUs is one line."""
+    from eridiffusion.config import ConfigError
+    from eridiffusion.train import resolve_device
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"^LOCAL_RANK=1 but this host has 1 CUDA devices"):
+        resolve_device("auto")
+
+
 def test_sampler_state_resumes_across_global_batch_sizes():
     buckets = [0] * 9 + [1] * 7
     a = BucketBatchSampler(buckets, 4, seed=3)

@@ -269,6 +269,14 @@ def test_nonfinite_loss_skips_the_step_then_stops_with_a_saved_state(root, tmp_p
     assert (out_dir / "lora-step3.safetensors").is_file() and not (out_dir / "lora.safetensors").exists()
 
 
+def test_nonfinite_from_the_first_step_does_not_promise_a_state():
+    guard = faults.NonFiniteGuard(2)
+    assert not guard.observe(False) and not guard.observe(False) and guard.exhausted
+    line = str(guard.error(0, Path("out/state")))
+    assert "after step 0 (2 skipped in all); no step completed, nothing saved:" in line
+    assert line.endswith("then run again") and "resume" not in line
+
+
 def test_cuda_oom_gives_one_line_advice_and_keeps_the_state(root, tmp_path, capsys, monkeypatch):
     def oom(n, out):
         if n == 3:

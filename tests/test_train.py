@@ -7,18 +7,24 @@ and resumed in a fresh `train()` call while the encoders are patched to fail (ca
 
 import csv
 import json
+import os
+import signal
 
 import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from torch import nn
 
-from eridiffusion import checkpoint, diffusion
+from eridiffusion import checkpoint, diffusion, faults
 from eridiffusion.cli import main
+from eridiffusion.config import ConfigError
+from eridiffusion.data.cache import TensorCache
 from eridiffusion.models.clip import CLIPTextModel, OpenCLIPTextModel
+from eridiffusion.models.unet import UNet, UNetConfig, sdxl_vector
 from eridiffusion.models.vae import AutoencoderKL
 from eridiffusion.tiny import demo_config, make_dataset, prepare
-from eridiffusion.train import build_cache, diffusion_loss, lr_factor, train
+from eridiffusion.train import build_cache, diffusion_loss, load_state, lr_factor, train
 
 STEPS = 100
 
@@ -180,6 +186,88 @@ def test_eri_demo_smoke(tmp_path, capsys):
         assert (tmp_path / "demo" / name).is_file(), name
     assert main(["train", str(tmp_path / "nope.toml")]) == 2
     assert "nope.toml: config file not found" in capsys.readouterr().err
+
+
+def test_size_conditioning_is_embedded_in_fp32_whatever_the_text_dtype():
+    """Live bf16 text encoders give a bf16 pooled; the time_ids must not be rounded to bf16
+    before the sinusoid (orig_h 1237 would become 1240), as with cached fp32 text and at inference."""
+
+    class Recorder(nn.Module):
+        cfg = UNetConfig.tiny()
+
+        def forward(self, x, t, context, y=None):
+            self.y = y
+            return x
+
+    unet, g = Recorder(), torch.Generator().manual_seed(0)
+    pooled = torch.randn(2, 64, generator=g).bfloat16()
+    time_ids = torch.tensor([[1237.0, 901.0, 3.0, 5.0, 1024.0, 832.0]] * 2)  # (B, 6)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    ac = diffusion.alphas_cumprod(diffusion.scaled_linear_betas())
+    cond = {"context": torch.randn(2, 77, 96, generator=g).bfloat16(), "pooled": pooled}
+    diffusion_loss(unet, x0, cond, time_ids, torch.tensor([10, 500]), noise, ac, "epsilon")
+    assert torch.equal(unet.y, sdxl_vector(pooled, time_ids, 32))
+
+
+def _small(tmp_path, steps, **sections):
+    prepare(tmp_path, n_images=4, log=lambda s: None)
+    sections.setdefault("sample", {"every_n_steps": 0})
+    return demo_config(tmp_path, steps).replace(save={"every_n_steps": 0}, **sections)
+
+
+def test_a_stop_signal_during_the_last_step_still_writes_the_final_lora(tmp_path, monkeypatch):
+    """The run is complete: the final LoRA is written and nothing is left to resume."""
+    real, calls = UNet.forward, [0]
+
+    def forward(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:  # step 3 of 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet, "forward", forward)
+    result = train(_small(tmp_path, 3), progress=False, log=lambda s: None)
+    assert calls[0] == 3 and result.step == 3
+    assert not result.interrupted and result.stop_signal == 0
+    assert result.lora_path == tmp_path / "lora.safetensors" and result.lora_path.is_file()
+
+
+def test_resume_takes_the_optim_settings_of_the_current_config(root):
+    """The NaN advice says "lower optim.unet_lr, then resume": the lowered LR must be used
+    (the saved param groups must not bring the old one back)."""
+    cfg = _cfg(root, "relr", steps=4)
+    first = train(cfg, stop_after=2, progress=False, log=lambda s: None)
+    at_2 = {k: m.lora_up.weight.clone() for k, m in first.networks["unet"].loras.items()}
+    second = train(cfg.replace(train={"resume": True}, optim={"unet_lr": 0.0}), progress=False, log=lambda s: None)
+    assert second.step == 4
+    for k, m in second.networks["unet"].loras.items():
+        assert torch.equal(m.lora_up.weight, at_2[k]), k  # lr 0: AdamW moves nothing
+    meta, _ = load_state(root / "relr" / "state")
+    assert [g["base_lr"] for g in meta["optimizer"]["param_groups"]] == [0.0]
+    # what cannot change on resume is one line naming the key
+    with pytest.raises(ConfigError, match=r"train.seed = 7 .*saved run used 0"):
+        train(cfg.replace(train={"resume": True, "seed": 7}), progress=False, log=lambda s: None)
+    with pytest.raises(ConfigError, match=r"optim.optimizer = \"sgd\" .*saved run used \"adamw\""):
+        train(cfg.replace(train={"resume": True}, optim={"optimizer": "sgd"}), progress=False, log=lambda s: None)
+
+
+def test_text_encoder_lora_dropout_stays_on_after_a_preview(tmp_path):
+    """Previews put the trained text encoders back in the mode they had: training mode."""
+    cfg = _small(tmp_path, 2, lora={"train_text_encoder": True, "dropout": 0.1},
+                 sample={"every_n_steps": 1, "steps": 2, "size": [64, 64], "seeds": [0]})  # fmt: skip
+    result = train(cfg, progress=False, log=lambda s: None)
+    assert (tmp_path / "samples" / "step000001.png").is_file()
+    drops = [m for te in (result.components.te1, result.components.te2) for m in te.modules()
+             if isinstance(m, nn.Dropout)]  # fmt: skip
+    assert drops and all(m.training for m in drops)
+
+
+def test_a_lost_cache_entry_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(TensorCache, "get", lambda self, kind, key: None)
+    with pytest.raises(faults.FaultError) as info:
+        train(_small(tmp_path, 2), progress=False, log=lambda s: None)
+    message = str(info.value)
+    assert "\n" not in message and "unreadable or missing" in message and "cache" in message
 
 
 @pytest.mark.gpu
