@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from bench.train_step import ATTN_TARGETS, CONTEXT, LATENT  # noqa: E402
 from eridiffusion import distributed, lora  # noqa: E402
 from eridiffusion.models.unet import UNet, UNetConfig, sdxl_vector  # noqa: E402
-from eridiffusion.speed import GraphedStep, optimize_for_training  # noqa: E402
+from eridiffusion.speed import optimize_for_training, training_step  # noqa: E402
 
 TINY_LATENT = 16  # 128² images for the tiny UNet
 POOLED = 1280
@@ -95,14 +95,7 @@ def build(args, w: distributed.World):
         opt.step()
         return loss
 
-    if args.graph:
-        step = GraphedStep(body, params, opt)
-    else:
-
-        def step(*xs):
-            loss = body(*xs)
-            opt.zero_grad(set_to_none=True)
-            return loss
+    step = training_step(body, params, opt, graph=args.graph)
 
     mode = "graph+allreduce" if args.graph else ("ddp" if use_ddp else "single")
     n_params = sum(p.numel() for p in params)

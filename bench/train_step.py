@@ -105,7 +105,7 @@ def inputs(batch: int, seed: int = 0, channels_last: bool = False):
 def build_ours(case: Case):
     from eridiffusion import lora
     from eridiffusion.models.unet import UNet, UNetConfig, sdxl_vector
-    from eridiffusion.speed import GraphedStep, attention_priority, optimize_for_training
+    from eridiffusion.speed import attention_priority, optimize_for_training, training_step
 
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -129,13 +129,7 @@ def build_ours(case: Case):
         opt.step()
         return loss
 
-    if case.graph:
-        step = GraphedStep(body, params, opt)
-    else:
-        def step(*args):
-            loss = body(*args)
-            opt.zero_grad(set_to_none=True)
-            return loss
+    step = training_step(body, params, opt, graph=case.graph)
 
     def fwd(x, t, ctx, pooled, time_ids):
         return unet(x, t, ctx, sdxl_vector(pooled, time_ids).to(x.dtype))

@@ -195,3 +195,17 @@ class GraphedForward:
                 static_kwargs[k].copy_(v)
         graph.replay()
         return out.clone()
+
+
+def training_step(body, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, graph: bool = False):
+    """`body(*tensors) -> loss` runs forward, backward and `optimizer.step()`; the returned
+    callable runs it eagerly and zeroes the gradients, or replays it from a CUDA graph."""
+    if graph:
+        return GraphedStep(body, params, optimizer)
+
+    def step(*tensors: torch.Tensor) -> torch.Tensor:
+        loss = body(*tensors)
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return step

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from eridiffusion import lora
 from eridiffusion.models.unet import UNet, UNetConfig, sdxl_vector
-from eridiffusion.speed import GraphedStep, optimize_for_training
+from eridiffusion.speed import optimize_for_training, training_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -31,12 +31,7 @@ def run(cfg: UNetConfig, steps: int, compile: bool, graph: bool, batch: int = 2,
         opt.step()
         return loss
 
-    def eager(*args):
-        loss = body(*args)
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    step = GraphedStep(body, params, opt) if graph else eager
+    step = training_step(body, params, opt, graph=graph)
     g = torch.Generator(device="cuda").manual_seed(2)
     losses = []
     for _ in range(steps):
