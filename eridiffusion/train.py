@@ -19,7 +19,6 @@ import json
 import math
 import os
 import random
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -45,7 +44,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 STATE_FORMAT = "eridiffusion-train-state/1"
 
 Log = Callable[[str], None]
-_REPEATS_DIR = re.compile(r"^\d+_.+$")  # kohya `N_name` folder
 
 
 @dataclass
@@ -228,6 +226,7 @@ def _load_setup(cfg: TrainConfig, log: Log, device: torch.device | None = None) 
         captions=CaptionConfig(dropout=d.caption_dropout, shuffle_tags=d.shuffle_tags, keep_tags=d.keep_tags),
         crop="random" if d.random_crop else "center",
         flip=d.flip,
+        default_repeats=d.repeats,  # images outside kohya `N_name` folders (those carry their own N)
     )
     log(str(dataset.report))
     cache_text = cfg.cache.text and not cfg.lora.train_text_encoder and not d.shuffle_tags
@@ -577,10 +576,7 @@ def train(
                             weight_decay=o_cfg.weight_decay, **fast)  # fmt: skip
 
     # -- sampler and step budget ----------------------------------------------------------
-    # data.repeats applies to images outside kohya `N_name` folders (those carry their own N)
-    root = Path(cfg.data.dir)
-    repeats = [it.repeats if any(_REPEATS_DIR.match(p) for p in it.path.relative_to(root).parent.parts)
-               else cfg.data.repeats for it in s.dataset.items]  # fmt: skip
+    repeats = s.dataset.repeats
     # global batches (batch_size × processes, one bucket); each rank runs its slice of each
     sampler = BucketBatchSampler(s.dataset.buckets, t_cfg.batch_size * w.size, t_cfg.seed, repeats=repeats)
     if t_cfg.batch_size * w.size > sum(repeats):

@@ -255,13 +255,13 @@ def read_metadata(path: Path) -> tuple[dict[str, str], list[str]]:
     return captions, problems
 
 
-def _repeats(relative_dir: Path) -> int:
-    """Repeats from the nearest `N_name` folder below the dataset root, else 1."""
+def _repeats(relative_dir: Path, default: int = 1) -> int:
+    """Repeats from the nearest `N_name` folder below the dataset root, else `default`."""
     for part in reversed(relative_dir.parts):
         match = _REPEATS_DIR.match(part)
         if match:
             return int(match.group(1))
-    return 1
+    return default
 
 
 def _metadata_caption(path: Path, root: Path, metadata: dict[Path, dict[str, str]]) -> str:
@@ -282,8 +282,10 @@ def scan_folder(
     default_caption: str | None = None,
     max_pixels: int = MAX_IMAGE_PIXELS,
     verify: bool = True,
+    default_repeats: int = 1,
 ) -> tuple[list[Item], ScanReport]:
     """Find usable images below `folder` (hidden files and folders ignored), in sorted order.
+    Images outside any kohya `N_name` folder are repeated `default_repeats` times per epoch.
 
     An image is too small when its shorter side is below `bucket_cfg.min_side`, the shortest
     side of any bucket. Raises DatasetError when nothing is usable.
@@ -301,7 +303,7 @@ def scan_folder(
         if "metadata.jsonl" in filenames:
             metadata[here], problems = read_metadata(here / "metadata.jsonl")
             report.warnings.extend(problems)
-        repeats = _repeats(here.relative_to(root))
+        repeats = _repeats(here.relative_to(root), default_repeats)
         for name in sorted(filenames):
             path = here / name
             if name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -421,7 +423,8 @@ def build_dataset(
     flip: bool = False,
     max_pixels: int = MAX_IMAGE_PIXELS,
     verify: bool = True,
+    default_repeats: int = 1,
 ) -> ImageDataset:
     """Scan `folder` and return the dataset the trainer iterates; `dataset.report` says what was found."""
-    items, report = scan_folder(folder, buckets, default_caption, max_pixels, verify)
+    items, report = scan_folder(folder, buckets, default_caption, max_pixels, verify, default_repeats)
     return ImageDataset(items, report, crop=crop, flip=flip, captions=captions, max_pixels=max_pixels)

@@ -234,6 +234,10 @@ def test_repeats_from_kohya_folders(tmp_path):
     # The sampler honours repeats: each item repeats[i] times per epoch.
     seen = Counter(i for batch in ds.sampler(batch_size=3, seed=0) for i in batch)
     assert [seen[i] for i in range(len(ds))] == ds.repeats
+    # default_repeats (the config's data.repeats) applies only outside `N_name` folders
+    ds = build_dataset(tmp_path, TINY, default_repeats=5)
+    assert {it.path.name: it.repeats for it in ds.items} == {"a.png": 10, "b.jpg": 10, "c.webp": 3, "d.bmp": 5}
+    assert ds.report.samples == 28
 
 
 # ---------------------------------------------------------------- load_item
