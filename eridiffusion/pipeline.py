@@ -410,6 +410,7 @@ class Validation:
     def __init__(self, components: checkpoint.Components, cfg, out_dir: str | os.PathLike, encode_now: bool = False,
                  prediction: str | None = None):  # fmt: skip
         self.pipe = Pipeline(components, prediction=prediction)
+        self.pipe.check_size(tuple(cfg.size))  # at start-up, not at the first preview mid-run
         self.cfg = cfg
         self.folder = Path(out_dir) / "samples"
         self.seeds = list(cfg.seeds) or [0]

@@ -155,6 +155,8 @@ BAD_INPUT = {  # case: (overrides or a builder, the one line must contain)
     "pickle that runs code, flag given": (_pickle_with_code, "cannot be read with weights_only=True"),
     "save.name leaves the output folder": (["save.name=../evil"], 'save.name = "../evil" is invalid'),
     "save.name with a backslash": (["save.name=..\\evil"], "save.name = "),
+    "preview size not a multiple of 32": (["sample.size=[120, 120]", "sample.every_n_steps=1", "sample.prompts=[\"a cat\"]"],
+                                          "size 120x120 is invalid for sdxl-tiny"),
 }
 
 
