@@ -396,7 +396,11 @@ def _restore_rng(meta: dict, tensors: dict[str, torch.Tensor], generators: dict[
         if states:
             torch.cuda.set_rng_state_all(states)
     for name, g in generators.items():
-        g.set_state(tensors[f"rng.gen.{name}"])
+        state = tensors[f"rng.gen.{name}"]
+        if state.numel() != g.get_state().numel():  # a CPU generator's state is not a CUDA one's
+            raise ConfigError(f"the saved state's {name} generator comes from another device type than "
+                              f"{g.device.type}; resume on the device the run started on (train.device)")  # fmt: skip
+        g.set_state(state)
     kind, pos, has_gauss, cached = meta["rng"]["numpy"]
     np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
     version, gauss = meta["rng"]["python"]

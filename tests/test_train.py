@@ -251,6 +251,22 @@ def test_resume_takes_the_optim_settings_of_the_current_config(root):
         train(cfg.replace(train={"resume": True}, optim={"optimizer": "sgd"}), progress=False, log=lambda s: None)
 
 
+def test_resume_on_another_device_type_is_one_line(root):
+    """A CUDA generator's state (16 bytes, Philox) cannot seed a CPU one: say so, no traceback."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = _cfg(root, "devtype", steps=4)
+    train(cfg, stop_after=2, progress=False, log=lambda s: None)
+    (state,) = (root / "devtype" / "state").glob("state-step*.safetensors")
+    tensors = load_file(state)
+    names = [k for k in tensors if k.startswith("rng.gen.")]
+    assert names
+    tensors[names[0]] = torch.zeros(16, dtype=torch.uint8)  # what a CUDA run saves
+    save_file(tensors, state)
+    with pytest.raises(ConfigError, match="another device type than cpu"):
+        train(cfg.replace(train={"resume": True}), progress=False, log=lambda s: None)
+
+
 def test_text_encoder_lora_dropout_stays_on_after_a_preview(tmp_path):
     """Previews put the trained text encoders back in the mode they had: training mode."""
     cfg = _small(tmp_path, 2, lora={"train_text_encoder": True, "dropout": 0.1},
