@@ -45,11 +45,12 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object], exclusive: bool = False) -> Path:
     """Create or replace `path` with what `write(tmp_path)` writes to `tmp_path`; returns `path`.
 
     Raises `faults.DiskFull` (one line, naming the file and the free space) when the disk or
-    quota is full; the previous `path`, if any, is untouched.
+    quota is full; the previous `path`, if any, is untouched. `exclusive=True` never replaces:
+    the finished file is hard-linked to `path`, which raises FileExistsError if it exists.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,8 +62,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
         os.chmod(tmp, 0o666 & ~_UMASK)  # after `write`: safetensors replaces the file it is given
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        if exclusive:
+            _link_new(tmp, path)
+        else:
+            os.replace(tmp, path)
+            tmp = None
         fsync_dir(path.parent)
     except OSError as e:
         if e.errno in _DISK_FULL:
@@ -72,6 +76,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def _link_new(tmp: str, path: Path) -> None:
+    """Give the finished `tmp` the name `path` only if nothing has it (atomic with hard links)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError as e:  # no hard links on this file system (FAT, some network mounts)
+        if e.errno not in {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK}:
+            raise
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, "file exists", str(path)) from None
+        os.rename(tmp, path)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -294,8 +294,9 @@ def read_params(path: str | os.PathLike) -> SampleParams:
 
 
 def save_new_png(image: Image.Image, folder: str | os.PathLike, stem: str, info: PngInfo | None = None) -> Path:
-    """Save as `folder/NNNNN-stem.png` with the next free number; never overwrites a file
-    (the name is claimed with an exclusive create, so parallel runs cannot collide)."""
+    """Save as `folder/NNNNN-stem.png` with the next free number; never overwrites a file and
+    never leaves a torn one (written aside, then claimed with an exclusive link, so parallel
+    runs cannot collide either)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     numbers = [int(p.name[:5]) for p in folder.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")]
@@ -303,9 +304,7 @@ def save_new_png(image: Image.Image, folder: str | os.PathLike, stem: str, info:
     while True:
         path = folder / f"{n:05d}-{stem}.png"
         try:
-            with open(path, "xb") as f:
-                image.save(f, format="PNG", pnginfo=info)
-            return path
+            return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), exclusive=True)
         except FileExistsError:
             n += 1
 

@@ -514,3 +514,14 @@ def test_an_earlier_run_is_never_overwritten_without_the_flag_or_resume(root, tm
     code, _, err = _eri(capsys, "--overwrite", *run, "optim.unet_lr=5e-3")
     assert code == 0, err
     assert (out / "lora.safetensors").read_bytes() not in (first, resumed) and _saved_step(out) == 1
+
+
+def test_exclusive_atomic_write_never_replaces_and_leaves_no_temp(tmp_path):
+    from eridiffusion.io import atomic_write
+
+    target = tmp_path / "00000-a.png"
+    atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"first"), exclusive=True)
+    with pytest.raises(FileExistsError):
+        atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"second"), exclusive=True)
+    assert target.read_bytes() == b"first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000-a.png"]
