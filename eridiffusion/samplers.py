@@ -237,15 +237,8 @@ def sample_ddim(model, x: Tensor, sigmas: Tensor, callback=None, noise_sampler: 
     """DDIM with eta = 0 (Song et al. 2020, "Denoising Diffusion Implicit Models", eq. 12)
     in sigma form: x' = x0 + sigma'·eps with eps = (x − x0) / sigma. On x = x_t / sqrt(alpha_bar)
     this is the same update as an Euler step of the probability-flow ODE (Karras et al.
-    2022, section 4); x' / sqrt(sigma'² + 1) is DDIM's x_(t−1)."""
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, _sigma_batch(sigma, x))
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigma, "sigma_next": sigma_next, "denoised": denoised})
-        eps = (x - denoised) / sigma
-        x = denoised + sigma_next * eps
-    return x
+    2022, section 4), so it runs `sample_euler`; x' / sqrt(sigma'² + 1) is DDIM's x_(t−1)."""
+    return sample_euler(model, x, sigmas, callback=callback, noise_sampler=noise_sampler)
 
 
 SAMPLERS = {

@@ -348,16 +348,21 @@ def diffusers_unet(unet):
     return ref
 
 
-def hf_clip(te1):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def hf_text_config(cfg, **extra):
+    """transformers' CLIPTextConfig for one of our text-encoder configs."""
+    from transformers import CLIPTextConfig
 
-    cfg = te1.cfg
-    ref = CLIPTextModel(CLIPTextConfig(
+    return CLIPTextConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.layers,
         num_attention_heads=cfg.heads, max_position_embeddings=cfg.max_positions, hidden_act=cfg.act,
-        layer_norm_eps=cfg.eps, eos_token_id=49407,
-    )).eval()
-    return load_hf(ref, te1.state_dict())
+        layer_norm_eps=cfg.eps, eos_token_id=49407, **extra,
+    )  # fmt: skip
+
+
+def hf_clip(te1):
+    from transformers import CLIPTextModel
+
+    return load_hf(CLIPTextModel(hf_text_config(te1.cfg)).eval(), te1.state_dict())
 
 
 def load_hf(ref, sd: dict):
@@ -400,14 +405,9 @@ def openclip_to_hf(sd: dict, prefix: str = "") -> dict:
 
 
 def hf_clip_g(te2):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextModelWithProjection
 
-    cfg = te2.cfg
-    ref = CLIPTextModelWithProjection(CLIPTextConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.width, intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads, max_position_embeddings=cfg.max_positions, hidden_act=cfg.act,
-        layer_norm_eps=cfg.eps, projection_dim=cfg.proj_dim, eos_token_id=49407,
-    )).eval()
+    ref = CLIPTextModelWithProjection(hf_text_config(te2.cfg, projection_dim=te2.cfg.proj_dim)).eval()
     return load_hf(ref, openclip_to_hf(te2.state_dict()))
 
 
