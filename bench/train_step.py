@@ -11,6 +11,7 @@ MFU = FLOPs/image × img/s ÷ measured bf16 matmul peak.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -40,6 +41,8 @@ class Case:
     attn: str = "auto"  # SDPA backend priority
     mode: str | None = None  # torch.compile mode
     graph: bool = False  # capture forward+backward+AdamW in one CUDA graph (eridiffusion.speed.GraphedStep)
+    graph_backward: bool = False  # graph forward+backward only, AdamW eager: what `eri train` does (GraphedBackward)
+    memory_budget: float | None = None  # torch._functorch activation_memory_budget for the compiled regions
 
 
 CASES = [  # the peer runs the eager and checkpointing rows of the table
@@ -68,6 +71,12 @@ VARIANTS = [
     Case("b4_stages_cl", 4, compile=True, scope="stages", channels_last=True),
     Case("b4_stages_cudnn", 4, compile=True, scope="stages", attn="cudnn"),
     Case("b4_eager_cudnn", 4, attn="cudnn"),
+    Case("b1_train_graph", 1, graph_backward=True),
+    Case("b1_train_graph_blocks", 1, compile=True, graph_backward=True),
+    Case("b4_train_graph_blocks", 4, compile=True, graph_backward=True),
+    Case("b4_graph_blocks_cl", 4, compile=True, channels_last=True, graph=True),
+    Case("b4_graph_blocks_mem0.7", 4, compile=True, graph=True, memory_budget=0.7),
+    Case("b4_graph_blocks_mem0.4", 4, compile=True, graph=True, memory_budget=0.4),
 ]
 PEER_CASES = {"b1_eager", "b4_eager", "b4_compile", "b8_eager", "b8_checkpointing"}
 # torch.compile of the whole diffusers UNet took 293 s to its first step on an H100: --peer-compile adds it.
@@ -105,7 +114,7 @@ def inputs(batch: int, seed: int = 0, channels_last: bool = False):
 def build_ours(case: Case):
     from eridiffusion import lora
     from eridiffusion.models.unet import UNet, UNetConfig, sdxl_vector
-    from eridiffusion.speed import attention_priority, optimize_for_training, training_step
+    from eridiffusion.speed import GraphedBackward, attention_priority, optimize_for_training, training_step
 
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -129,7 +138,24 @@ def build_ours(case: Case):
         opt.step()
         return loss
 
-    step = training_step(body, params, opt, graph=case.graph)
+    if case.graph_backward:  # as eri train with train.cuda_graph: the optimizer runs eagerly
+        def fwd_bwd(x, t, ctx, pooled, time_ids, target):
+            with attention_priority(case.attn):
+                y = sdxl_vector(pooled, time_ids).to(x.dtype)
+                loss = F.mse_loss(forward(x, t, ctx, y).float(), target.float())
+                loss.backward()
+            return loss.detach()
+
+        graphed = GraphedBackward(fwd_bwd, params)
+
+        def step(*tensors):
+            loss = graphed(*tensors)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+            return loss
+    else:
+        step = training_step(body, params, opt, graph=case.graph)
 
     def fwd(x, t, ctx, pooled, time_ids):
         return unet(x, t, ctx, sdxl_vector(pooled, time_ids).to(x.dtype))
@@ -280,11 +306,16 @@ def profile_case(case: Case, path: str) -> dict:
 
 def run_case(impl: str, case: Case, flops_per_image: float, peak: float, warmup: int, iters: int) -> dict:
     build = build_ours if impl == "eridiffusion" else build_peer
-    step, _, model, _ = build(case)
+    budget = contextlib.nullcontext()
+    if case.memory_budget is not None:  # read when the regions compile, in the first step
+        budget = torch._functorch.config.patch(activation_memory_budget=case.memory_budget)
     row = {"impl": impl, "config": case.name, "batch": case.batch, "compile": case.compile,
            "checkpointing": case.checkpointing, "scope": case.scope, "channels_last": case.channels_last,
-           "attn": case.attn, "mode": case.mode}
-    row.update(time_step(step, case.batch, warmup, iters, case.channels_last and impl == "eridiffusion"))
+           "attn": case.attn, "mode": case.mode, "graph": case.graph, "graph_backward": case.graph_backward,
+           "memory_budget": case.memory_budget}
+    with budget:
+        step, _, model, _ = build(case)
+        row.update(time_step(step, case.batch, warmup, iters, case.channels_last and impl == "eridiffusion"))
     row["mfu"] = flops_per_image * row["img_per_s"] / (peak * 1e12)
     del step, model
     gc.collect()
@@ -296,7 +327,7 @@ def run_case(impl: str, case: Case, flops_per_image: float, peak: float, warmup:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None)
-    ap.add_argument("--cases", default=",".join(c.name for c in CASES))
+    ap.add_argument("--cases", default=None, help="comma-separated case names (default: all of the set)")
     ap.add_argument("--peer", default="auto", choices=["auto", "yes", "no"])
     ap.add_argument("--peer-compile", action="store_true", help="also time torch.compile of the diffusers UNet (minutes)")
     ap.add_argument("--variants", action="store_true", help="measure our step's speed variants, no peer")
@@ -336,8 +367,9 @@ def main(argv=None) -> int:
         profile_case(case, args.out or "profile.json")
         return 0
     rows = []
-    wanted = args.cases.split(",")
-    cases = VARIANTS if args.variants else [c for c in CASES if c.name in wanted]
+    wanted = args.cases.split(",") if args.cases else None
+    pool = VARIANTS if args.variants else CASES
+    cases = [c for c in pool if wanted is None or c.name in wanted]
     peer = peer and not args.variants
     for case in cases:
         peer_here = peer and case.name in PEER_CASES and (args.peer_compile or not case.compile)

@@ -89,6 +89,7 @@ class TrainSection:
     seed: int = 42
     gradient_checkpointing: bool = False
     compile: bool = False  # regional torch.compile of the UNet blocks (eridiffusion/speed.py)
+    cuda_graph: bool = False  # replay forward + backward from CUDA graphs (one per bucket shape)
     max_grad_norm: float = 1.0  # 0 = no clipping
     prediction: Literal["auto", "epsilon", "v_prediction"] = "auto"
     noise_offset: float = 0.0

@@ -80,6 +80,25 @@ def optimize_for_training(
     return unet
 
 
+def _capture(fn, args: list, kwargs: dict, warmup: int, pool=None):
+    """Run `fn(*args, **kwargs)` `warmup` times on a side stream (cuBLAS workspaces, compiled
+    code, autotuning), then capture one call into a CUDA graph; returns (graph, output)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn(*args, **kwargs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn(*args, **kwargs)
+    return graph, out
+
+
+def _signature(tensors) -> tuple:
+    return tuple((tuple(t.shape), t.dtype, t.stride()) for t in tensors)
+
+
 class GraphedStep:
     """A whole training step (forward, backward, optimizer) captured in a CUDA graph.
 
@@ -102,6 +121,12 @@ class GraphedStep:
     def _state_tensors(self) -> list[torch.Tensor]:
         state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
         return list(self.params) + state
+
+    def _body(self, *tensors: torch.Tensor) -> torch.Tensor:
+        loss = self.fn(*tensors)
+        for p in self.params:  # the next warm-up / the capture starts from no gradient
+            p.grad = None
+        return loss
 
     def _capture(self, tensors: tuple[torch.Tensor, ...]):
         static_in = [t.clone() for t in tensors]
@@ -126,22 +151,61 @@ class GraphedStep:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
-                self.fn(*static_in)
-                for p in self.params:
-                    p.grad = None
+                self._body(*static_in)
         torch.cuda.current_stream().wait_stream(side)
         with torch.no_grad():
             for t, s in zip(self._state_tensors(), snapshot):
                 t.copy_(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            loss = self.fn(*static_in)
+        graph, loss = _capture(self.fn, static_in, {}, warmup=0)
         return static_in, loss, graph
 
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
-        key = tuple((tuple(t.shape), t.dtype, t.stride()) for t in tensors)
+        key = _signature(tensors)
         if key not in self.graphs:
             self.graphs[key] = self._capture(tensors)
+        static_in, loss, graph = self.graphs[key]
+        for s, t in zip(static_in, tensors):
+            s.copy_(t)
+        graph.replay()
+        return loss
+
+
+class GraphedBackward:
+    """Forward + backward of a training micro-step replayed from CUDA graphs; the optimizer
+    stays outside (any optimizer, a changing LR, gradient clipping and the NaN guard in eager).
+
+    `fn(*tensors) -> loss` runs forward and `backward()`; the gradients accumulate into the
+    parameters' `.grad` tensors, which are created (zeros) before the first capture and must
+    stay the same tensors: clear them with `optimizer.zero_grad(set_to_none=False)`. So
+    gradient accumulation over micro-batches works as in eager. One graph per input signature
+    (aspect bucket); all graphs share one memory pool, since they never run at once. The
+    warm-up calls before a capture leave the gradients as they found them. Random ops inside
+    `fn` (LoRA dropout) draw from the CUDA generator, as torch.cuda.graph arranges.
+    """
+
+    def __init__(self, fn, params: list[torch.Tensor], warmup: int = 2):
+        self.fn, self.params, self.warmup = fn, list(params), warmup
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple, tuple[list[torch.Tensor], torch.Tensor, torch.cuda.CUDAGraph]] = {}
+
+    def _capture(self, tensors: tuple[torch.Tensor, ...]):
+        static_in = [t.clone() for t in tensors]
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        saved = [p.grad.clone() for p in self.params]
+        graph, loss = _capture(self.fn, static_in, {}, self.warmup, self.pool)
+        with torch.no_grad():  # undo the warm-ups' accumulation (the capture itself ran nothing)
+            for p, s in zip(self.params, saved):
+                p.grad.copy_(s)
+        return static_in, loss, graph
+
+    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        key = _signature(tensors)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(tensors)
+        elif any(p.grad is None for p in self.params):
+            raise RuntimeError("GraphedBackward: a gradient was set to None; clear them with zero_grad(set_to_none=False)")
         static_in, loss, graph = self.graphs[key]
         for s, t in zip(static_in, tensors):
             s.copy_(t)
@@ -176,15 +240,7 @@ class GraphedForward:
         if key not in self.graphs:
             static_args = [a.clone() if torch.is_tensor(a) else a for a in args]
             static_kwargs = {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    self.fn(*static_args, **static_kwargs)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self.fn(*static_args, **static_kwargs)
+            graph, out = _capture(self.fn, static_args, static_kwargs, self.warmup)
             self.graphs[key] = (static_args, static_kwargs, out, graph)
         static_args, static_kwargs, out, graph = self.graphs[key]
         for s, a in zip(static_args, args):

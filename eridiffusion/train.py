@@ -14,6 +14,7 @@ resumed run continues exactly (bit-identical losses on CPU).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -487,6 +488,18 @@ def _tensorboard(folder: Path, enabled: bool, log: Log):
 # ---------------------------------------------------------------- the run
 
 
+def _check_cuda_graph(cfg: TrainConfig, device: torch.device, processes: int) -> None:
+    why = None
+    if device.type != "cuda":
+        why = f"needs a CUDA device, and this run is on {device}"
+    elif processes > 1:
+        why = f"runs in one process, and this run has {processes} under torchrun"
+    elif cfg.lora.train_text_encoder:
+        why = "does not capture the text encoders: set lora.train_text_encoder=false"
+    if why:
+        raise ConfigError(f"train.cuda_graph = true {why}; or set train.cuda_graph=false")
+
+
 def train(
     cfg: TrainConfig,
     *,
@@ -504,6 +517,8 @@ def train(
     faults.check_outputs(out, cfg.save.name, cfg.save.overwrite or t_cfg.resume or resume_dir is not None)
 
     w = distributed.init(resolve_device(t_cfg.device))  # torchrun: join the group; else one process
+    if t_cfg.cuda_graph:
+        _check_cuda_graph(cfg, w.device, w.size)
     if not w.main:  # only rank 0 logs and writes files
         log, progress = (lambda msg: None), False
 
@@ -665,6 +680,21 @@ def train(
         write_text(out / "config.toml", cfg.to_toml())
     writer = _tensorboard(out, cfg.log.tensorboard and w.main, log)
     params = [p for g in groups for p in g["params"]]
+
+    def micro_step(x0, time_ids, t, noise, *cond_values, scale: float = 1.0) -> torch.Tensor:
+        """Forward and backward of one micro-batch (gradients accumulate); returns the loss.
+        `scale` (this rank's share of the global batch) is 1 in one process, as in a graph."""
+        cond = dict(zip(cond_keys, cond_values))
+        # no autocast: the UNet casts its inputs to its weights' dtype and LoRA casts its fp32
+        # weights to the activations' dtype, so nothing is cast twice
+        loss = scale * diffusion_loss(model, x0, cond, time_ids, t, noise, ac, prediction, t_cfg.min_snr_gamma)
+        (loss / t_cfg.grad_accum).backward()
+        return loss.detach()
+
+    cond_keys: list[str] = []
+    # the graphs keep the .grad tensors they write into: clear them, never drop them
+    graphed = speed.GraphedBackward(micro_step, params) if t_cfg.cuda_graph else None
+    clear_grads = functools.partial(optimizer.zero_grad, set_to_none=graphed is None)
     pending: list[tuple[int, torch.Tensor, float, float]] = []  # (step, loss on device, lr, time): synced at log
     ema = history[-1][1] if history else None
     t_start = time.perf_counter() - elapsed0
@@ -738,19 +768,17 @@ def train(
                     t = diffusion.sample_timesteps(n, generator=noise_gen, device=device)[rows]
                     noise = torch.randn((n, *x0.shape[1:]), generator=noise_gen, device=device)
                     noise = diffusion.offset_noise(noise, t_cfg.noise_offset, noise_gen)[rows]
-                    # no autocast: the UNet casts its inputs to its weights' dtype and LoRA casts its
-                    # fp32 weights to the activations' dtype, so nothing is cast twice
-                    loss = scale * diffusion_loss(model, x0, cond, time_ids, t, noise, ac, prediction,
-                                                  t_cfg.min_snr_gamma)  # fmt: skip
-                    (loss / t_cfg.grad_accum).backward()
-                step_loss += loss.detach() / t_cfg.grad_accum
+                    cond_keys[:] = sorted(cond)
+                    args = (x0, time_ids, t, noise, *(cond[k] for k in cond_keys))
+                    loss = graphed(*args) if graphed is not None else micro_step(*args, scale=scale)
+                step_loss += loss / t_cfg.grad_accum
             if fsdp:
                 distributed.all_reduce_grads(params)
             if w.distributed:  # the logged loss is the global batch's
                 step_loss = distributed.all_reduce_sum_(step_loss) / w.size
             norm = torch.nn.utils.clip_grad_norm_(params, t_cfg.max_grad_norm) if t_cfg.max_grad_norm > 0 else None
             if guard.enabled and not guard.observe(faults.all_finite(step_loss, norm)):  # skip: no update
-                optimizer.zero_grad(set_to_none=True)
+                clear_grads()
                 norm_value = None if norm is None else float(norm)
                 log(f"step {step + 1}: loss {float(step_loss)}, gradient norm {norm_value}: step skipped "
                     f"({guard.in_row} in a row, {guard.skipped} in all)")  # fmt: skip
@@ -759,7 +787,7 @@ def train(
                     break
                 continue
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            clear_grads()
             step += 1
             pending.append((step, step_loss, optimizer.param_groups[0]["lr"], time.perf_counter() - t_start))
             bar.update(1)
@@ -777,7 +805,7 @@ def train(
         stop.keyboard_interrupt()
         log(f"\ninterrupted at step {step}: saving state, resume with train.resume=true")
     except torch.OutOfMemoryError:
-        optimizer.zero_grad(set_to_none=True)
+        clear_grads()
         interrupted = True
         fault = faults.out_of_memory(step + 1, t_cfg.batch_size, cfg.data.resolution, t_cfg.gradient_checkpointing,
                                      s.cache_latents and s.cache_text)  # fmt: skip
