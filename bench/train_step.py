@@ -43,18 +43,20 @@ class Case:
     graph: bool = False  # capture forward+backward+AdamW in one CUDA graph (eridiffusion.speed.GraphedStep)
     graph_backward: bool = False  # graph forward+backward only, AdamW eager: what `eri train` does (GraphedBackward)
     memory_budget: float | None = None  # torch._functorch activation_memory_budget for the compiled regions
+    fused_qkv: bool = False  # self-attention q, k, v (and their LoRA) as one GEMM (eridiffusion.speed.fuse_qkv)
 
 
-CASES = [  # the peer runs the eager and checkpointing rows of the table
-    Case("b1_eager", 1),
-    Case("b1_graph", 1, compile=True, graph=True),
-    Case("b4_eager", 4),
-    Case("b4_compile", 4, compile=True),
-    Case("b4_graph", 4, compile=True, graph=True),
-    Case("b8_eager", 8),
-    Case("b8_graph", 8, compile=True, graph=True),
-    Case("b8_checkpointing", 8, checkpointing=True),
-    Case("b8_checkpointing_graph", 8, compile=True, checkpointing=True, graph=True),
+CASES = [  # ours as `eri train` runs it (fused q/k/v); the peer runs the eager and checkpointing rows
+    Case("b1_eager", 1, fused_qkv=True),
+    Case("b1_graph", 1, compile=True, graph=True, fused_qkv=True),
+    Case("b4_eager", 4, fused_qkv=True),
+    Case("b4_compile", 4, compile=True, fused_qkv=True),
+    Case("b4_graph", 4, compile=True, graph=True, fused_qkv=True),
+    Case("b4_graph_mem0.6", 4, compile=True, graph=True, fused_qkv=True, memory_budget=0.6),
+    Case("b8_eager", 8, fused_qkv=True),
+    Case("b8_graph", 8, compile=True, graph=True, fused_qkv=True),
+    Case("b8_checkpointing", 8, checkpointing=True, fused_qkv=True),
+    Case("b8_checkpointing_graph", 8, compile=True, checkpointing=True, graph=True, fused_qkv=True),
 ]
 # Variants of our step measured one change at a time (bench/train_step.py --variants).
 VARIANTS = [
@@ -77,6 +79,9 @@ VARIANTS = [
     Case("b4_graph_blocks_cl", 4, compile=True, channels_last=True, graph=True),
     Case("b4_graph_blocks_mem0.7", 4, compile=True, graph=True, memory_budget=0.7),
     Case("b4_graph_blocks_mem0.4", 4, compile=True, graph=True, memory_budget=0.4),
+    Case("b1_graph_fused", 1, graph=True, fused_qkv=True),
+    Case("b4_graph_blocks_fused", 4, compile=True, graph=True, fused_qkv=True),
+    Case("b4_eager_fused", 4, fused_qkv=True),
 ]
 PEER_CASES = {"b1_eager", "b4_eager", "b4_compile", "b8_eager", "b8_checkpointing"}
 # torch.compile of the whole diffusers UNet took 293 s to its first step on an H100: --peer-compile adds it.
@@ -124,8 +129,8 @@ def build_ours(case: Case):
     net.to("cuda")
     unet.gradient_checkpointing = case.checkpointing
     unet.train()
-    forward = optimize_for_training(unet, compile=case.compile, scope=case.scope,
-                                    channels_last=case.channels_last, mode=case.mode)
+    forward = optimize_for_training(unet, compile=case.compile, scope=case.scope, channels_last=case.channels_last,
+                                    mode=case.mode, fused_qkv=case.fused_qkv)
     params = net.lora_parameters()
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=case.graph)
 
@@ -312,7 +317,7 @@ def run_case(impl: str, case: Case, flops_per_image: float, peak: float, warmup:
     row = {"impl": impl, "config": case.name, "batch": case.batch, "compile": case.compile,
            "checkpointing": case.checkpointing, "scope": case.scope, "channels_last": case.channels_last,
            "attn": case.attn, "mode": case.mode, "graph": case.graph, "graph_backward": case.graph_backward,
-           "memory_budget": case.memory_budget}
+           "memory_budget": case.memory_budget, "fused_qkv": case.fused_qkv and impl == "eridiffusion"}
     with budget:
         step, _, model, _ = build(case)
         row.update(time_step(step, case.batch, warmup, iters, case.channels_last and impl == "eridiffusion"))
@@ -369,7 +374,12 @@ def main(argv=None) -> int:
     rows = []
     wanted = args.cases.split(",") if args.cases else None
     pool = VARIANTS if args.variants else CASES
-    cases = [c for c in pool if wanted is None or c.name in wanted]
+    by_name = {c.name: c for c in pool}
+    unknown = [n for n in wanted or [] if n not in by_name]
+    if unknown:
+        print(f"bench/train_step.py: unknown cases {unknown}; known: {', '.join(by_name)}", file=sys.stderr)
+        return 2
+    cases = pool if wanted is None else [by_name[n] for n in wanted]  # in the order asked for
     peer = peer and not args.variants
     for case in cases:
         peer_here = peer and case.name in PEER_CASES and (args.peer_compile or not case.compile)

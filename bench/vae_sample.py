@@ -4,6 +4,14 @@
     sampling: 30 DPM++ 2M steps, CFG 7 (UNet batch 2: uncond + cond), then the VAE decode,
               timed apart (the denoising loop, the decode) and whole (`Pipeline.generate`
               with PIL output) → seconds per image, peak GiB
+    variants: our VAE through `speed.optimize_vae` (`--variants`): "compiled" (encoder and decoder
+              each one inductor graph), "compiled+cl" (+ channels_last weights), "compiled+cl+graph"
+              (+ each call replayed from a CUDA graph, `speed.GraphedForward`), "compiled+cl+dynamic"
+              (the shape-generic graph latent caching ends up with, batch 1); encode and decode rows
+              with img/s, peak GiB, the first call's seconds (compile) and the largest difference
+              from the eager VAE's output. Shapes are fixed, so compiled with dynamic=False.
+    mid_attention: the mid-block attention alone (one head of 512 channels over (size/8)² tokens):
+              which SDPA kernels take head dim 512, and SDPA against an fp32-score cuBLAS formulation
 
 Ours runs `eridiffusion.samplers` (Denoiser, cfg_model, sample_dpmpp_2m, as the pipeline
 calls them) and `Pipeline.decode`; the peer is diffusers `UNet2DConditionModel` +
@@ -14,7 +22,10 @@ the conditioning is random). Timing by CUDA events after warm-up; one model set 
 at a time. `time_ratio_ours_over_peer` < 1 means ours is faster. diffusers is optional.
 
     python bench/vae_sample.py --out bench/results/vae_sample.json   # CUDA, full SDXL shapes
+    python bench/vae_sample.py --only vae --out /tmp/vae.json        # CUDA, VAE rows only (no UNet)
     python bench/vae_sample.py --tiny --out /tmp/vs.json             # CPU smoke test (tiny models)
+
+The JSON file is rewritten after every row, so a run cut off by a time limit keeps its rows.
 """
 
 from __future__ import annotations
@@ -22,9 +33,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from common import (  # noqa: I001 (also puts the repo root on sys.path)
     emit, environment, free, median, peak_gib, print_table, random_part, reset_peak, resolve_device, sync,
@@ -43,6 +56,7 @@ DIFFUSERS_TINY_SDXL = dict(
     attention_head_dim=(2, 4, 8), cross_attention_dim=96, use_linear_projection=True,
     addition_embed_type="text_time", addition_time_embed_dim=32, projection_class_embeddings_input_dim=256,
 )  # fmt: skip
+VARIANTS = ("compiled+cl", "compiled+cl+graph", "compiled", "compiled+cl+dynamic")
 # SDXL base's scheduler settings (scheduler_config.json) with DPM-Solver++(2M).
 DPMPP_2M = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
                 timestep_spacing="leading", steps_offset=1, solver_order=2, algorithm_type="dpmsolver++")  # fmt: skip
@@ -113,6 +127,19 @@ def sample_row(impl: str, op: str, times: list[float], device, s: Settings, **ex
             "s_per_image": sec, "peak_gib": peak_gib(device), "runs": len(times), **extra}  # fmt: skip
 
 
+class Rows(list):
+    """The result rows; each one appended (by `emit`) rewrites the JSON file, so a run stopped by a
+    time limit keeps what it measured."""
+
+    def __init__(self, path: str | None, env: dict):
+        super().__init__()
+        self.path, self.env = path, env
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        write_json(self.path, self.env, self)
+
+
 def timed(fn, device, s: Settings, warmup: int | None = None) -> list[float]:
     for _ in range(s.warmup if warmup is None else warmup):
         fn()
@@ -121,36 +148,79 @@ def timed(fn, device, s: Settings, warmup: int | None = None) -> list[float]:
     return time_calls(fn, device, s.repeats)
 
 
-def bench_encode(impl: str, encode, inp: Inputs, device, dtype, s: Settings, rows: list[dict]) -> torch.Tensor:
-    """Rows for each batch size; returns the batch-1 posterior mean (for the parity figure)."""
+def first_call(fn, device) -> float:
+    """Seconds of one call, run to completion: the compile (or cuDNN autotuning, or graph capture) of a first call."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def bench_encode(impl: str, encode, inp: Inputs, device, dtype, s: Settings, rows: list[dict],
+                 batches: tuple[int, ...] | None = None, ref: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows for each batch size; returns the batch-1 posterior mean (for the parity figures), and
+    with `ref` (the eager VAE's) each row gets the largest difference from it."""
     first = None
-    for b in s.batches:
+    for b in batches or s.batches:
         x = inp.images[:b].to(device, dtype)
         with torch.no_grad():
+            first_s = first_call(lambda: encode(x), device)
             times = timed(lambda: encode(x), device, s)
             if first is None:
                 first = encode(x[:1]).float().cpu()
         sec = median(times)
+        extra = {} if ref is None else {"max_abs_diff_vs_eager": max_diff(first, ref), "max_abs": scale(ref)}
         emit({"impl": impl, "op": "vae_encode", "size": s.size, "batch": b, "s_per_batch": sec, "img_per_s": b / sec,
-              "peak_gib": peak_gib(device), "runs": len(times)}, rows)  # fmt: skip
+              "peak_gib": peak_gib(device), "runs": len(times), "first_call_s": first_s, **extra}, rows)  # fmt: skip
         free(device)
     return first
 
 
+def bench_decode(impl: str, decode, device, s: Settings, rows: list[dict], ref: torch.Tensor | None = None
+                 ) -> torch.Tensor:  # fmt: skip
+    """One `vae_decode` row of `decode()` (one latent image); returns its output (float, CPU)."""
+    with torch.no_grad():
+        first_s = first_call(decode, device)
+        times = timed(decode, device, s)
+        out = decode().float().cpu()
+    extra = {} if ref is None else {"max_abs_diff_vs_eager": max_diff(out, ref), "max_abs": scale(ref)}
+    emit(sample_row(impl, "vae_decode", times, device, s, img_per_s=1 / median(times), first_call_s=first_s, **extra),
+         rows)  # fmt: skip
+    free(device)
+    return out
+
+
+def decode_latents(inp: Inputs, ours: dict, family) -> torch.Tensor:
+    """Unscaled latents (1, 4, h, w) every decode row decodes: the sampled ones, else the start noise."""
+    return ours.get("latents", inp.noise) / family.vae.scaling_factor
+
+
 # ---------------------------------------------------------------- ours
-def run_ours(family, device, dtype, inp: Inputs, s: Settings, rows: list[dict], keep_weights: bool) -> dict:
-    unet = random_part(family, "unet", device, dtype, seed=s.seed)
+def run_ours(family, device, dtype, inp: Inputs, s: Settings, rows: list[dict], keep_weights: bool,
+             sampling: bool = True) -> dict:  # fmt: skip
+    unet = random_part(family, "unet", device, dtype, seed=s.seed) if sampling else None
     vae = random_part(family, "vae", device, dtype, seed=s.seed + 1000)
-    weights = {"unet": {k: v.cpu() for k, v in unet.state_dict().items()},
-               "vae": {k: v.cpu() for k, v in vae.state_dict().items()}} if keep_weights else {}  # fmt: skip
+    vae_state = {k: v.cpu() for k, v in vae.state_dict().items()}  # also for the optimize_vae variants
+    weights = {"vae": vae_state} if keep_weights else {}
+    if keep_weights and sampling:
+        weights["unet"] = {k: v.cpu() for k, v in unet.state_dict().items()}
     free(device)
     impl = "eridiffusion"
-    out = {"encode": bench_encode(impl, lambda x: vae.encode(x).mean, inp, device, dtype, s, rows)}
+    out = {"encode": bench_encode(impl, lambda x: vae.encode(x).mean, inp, device, dtype, s, rows),
+           "vae_state": vae_state}
     if device.type == "cuda":  # channels_last convolutions (cuDNN's NHWC kernels)
         vae.to(memory_format=torch.channels_last)
         bench_encode(impl + " channels_last", lambda x: vae.encode(x.contiguous(memory_format=torch.channels_last)).mean,
                      inp, device, dtype, s, rows)  # fmt: skip
         vae.to(memory_format=torch.contiguous_format)
+    if not sampling:
+        z = decode_latents(inp, out, family).to(device, dtype)
+        out["decode"] = bench_decode(impl, lambda: vae.decode(z), device, s, rows)
+        out["weights"] = weights
+        del vae
+        free(device)
+        return out
 
     # text encoders are not benchmarked: built on meta, they take no memory
     comps = checkpoint.Components(family, unet=unet, vae=vae, te1=family.build("te1", "meta"),
@@ -189,6 +259,7 @@ def run_ours(family, device, dtype, inp: Inputs, s: Settings, rows: list[dict], 
         out["latents"] = result["latents"].float().cpu()
         latents = result["latents"]
         emit(sample_row(impl, "vae_decode", timed(lambda: pipe.decode(latents), device, s), device, s), rows)
+        out["decode"] = pipe.decode(latents).float().cpu()
 
         def total():
             pipe.generate(cond, uncond, [s.seed], s.steps, s.cfg, "dpmpp_2m", False, size)
@@ -200,28 +271,135 @@ def run_ours(family, device, dtype, inp: Inputs, s: Settings, rows: list[dict], 
     return out
 
 
+def run_variants(family, device, dtype, inp: Inputs, s: Settings, rows: list[dict], names: list[str], backend: str,
+                 ours: dict) -> None:  # fmt: skip
+    """Our VAE through `speed.optimize_vae`, a fresh copy of the eager rows' weights per compile
+    setting; "compiled+cl+graph" replays the "compiled+cl" copy's calls from CUDA graphs."""
+    z = decode_latents(inp, ours, family).to(device, dtype)
+    made: dict[str, torch.nn.Module] = {}
+
+    def optimized(channels_last: bool, dynamic: bool | None) -> torch.nn.Module:
+        vae = family.build("vae", device).to(dtype).eval().requires_grad_(False)
+        vae.load_state_dict(ours["vae_state"])
+        return speed.optimize_vae(vae, channels_last=channels_last, dynamic=dynamic, backend=backend)
+
+    for name in names:
+        impl = f"eridiffusion {name}"
+        if name == "compiled+cl+graph":
+            if device.type != "cuda":
+                print(f"{name}: CUDA graphs need a CUDA device, skipped", flush=True)
+                continue
+            vae = made.get("compiled+cl") or optimized(True, False)
+            encode = speed.GraphedForward(lambda x: vae.encode(x).mean)
+            decode = speed.GraphedForward(lambda z: vae.decode(z))
+        elif name == "compiled+cl+dynamic":  # H, W symbolic from the first call, as after a second bucket
+            vae = optimized(True, None)
+
+            def encode(x, vae=vae):
+                torch._dynamo.maybe_mark_dynamic(x, 2)
+                torch._dynamo.maybe_mark_dynamic(x, 3)
+                return vae.encode(x).mean
+
+            bench_encode(impl, encode, inp, device, dtype, s, rows, batches=(1,), ref=ours["encode"])
+            del vae, encode
+            free(device)
+            continue
+        else:
+            vae = made[name] = optimized(name == "compiled+cl", False)
+            encode = lambda x, vae=vae: vae.encode(x).mean  # noqa: E731
+            decode = vae.decode
+        bench_encode(impl, encode, inp, device, dtype, s, rows, ref=ours["encode"])
+        bench_decode(impl, lambda: decode(z), device, s, rows, ref=ours["decode"])
+        del vae, encode, decode
+        free(device)
+    made.clear()
+    free(device)
+
+
+def bench_mid_attention(family, device, dtype, s: Settings, rows: list[dict]) -> None:
+    """The mid-block attention alone: q, k, v (1, 1, n, 512) with n = (size/8)² tokens. Which SDPA
+    kernels take head dim 512, and their time against the same maths with fp32 scores from cuBLAS
+    (`bmm(out_dtype=float32)`, softmax in fp32, P in bf16 for P·V, as flash rounds it), which
+    would replace SDPA in models/vae.py only if much faster; each against an fp32 reference."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    n, c = (s.size // family.vae.factor) ** 2, family.vae.ch * family.vae.ch_mult[-1]
+    g = torch.Generator(device).manual_seed(s.seed)
+    q, k, v = (torch.randn(1, 1, n, c, device=device, generator=g).to(dtype) for _ in range(3))
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).cpu()
+
+    def explicit():
+        scores = torch.bmm(q[:, 0], k[:, 0].transpose(1, 2), out_dtype=torch.float32) * c**-0.5  # (1, n, n) fp32
+        return torch.bmm(scores.softmax(dim=-1).to(dtype), v[:, 0])[:, None]  # (1, 1, n, c)
+
+    cases = {f"sdpa {b.name.lower()}": b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                                                    SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)}  # fmt: skip
+    cases = {"sdpa (default choice)": None, **cases, "fp32 scores, cuBLAS": "explicit"}
+    for label, b in cases.items():
+        row = {"impl": "mid_attention", "op": label, "tokens": n, "channels": c}
+        try:
+            if b == "explicit":
+                fn = explicit
+            elif b is None:
+                fn = lambda: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+            else:
+                fn = lambda b=b: sdpa_with(b, q, k, v)  # noqa: E731
+            with torch.no_grad():
+                times = timed(fn, device, s)
+                out = fn().float().cpu()
+            row.update(ms=median(times) * 1e3, peak_gib=peak_gib(device), max_abs_diff_vs_fp32=max_diff(out, ref))
+        except (RuntimeError, TypeError, NotImplementedError) as e:  # this kernel (or torch) does not take the shape
+            row.update(error=str(e).splitlines()[0][:160])
+        emit(row, rows)
+        free(device)
+
+
+def sdpa_with(backend, q, k, v) -> torch.Tensor:
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel([backend]):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
 # ---------------------------------------------------------------- diffusers
-def run_peer(family, device, dtype, inp: Inputs, s: Settings, rows: list[dict], weights: dict, ours: dict) -> None:
+def run_peer(family, device, dtype, inp: Inputs, s: Settings, rows: list[dict], weights: dict, ours: dict,
+             sampling: bool = True) -> None:  # fmt: skip
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
     from diffusers.image_processor import VaeImageProcessor
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     impl = "diffusers"
-    ucfg = DIFFUSERS_TINY_SDXL if family.name == "sdxl-tiny" else DIFFUSERS_SDXL
     vcfg = diffusers_vae_config(family)
-    unet_sd = convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v for k, v in weights["unet"].items()}, ucfg)
     vae_sd = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in weights["vae"].items()}, vcfg)
     with torch.device(device):
-        unet = UNet2DConditionModel(**ucfg).to(dtype)
         vae = AutoencoderKL(**vcfg).to(dtype)
-    unet.load_state_dict(unet_sd, strict=True)
     vae.load_state_dict(vae_sd, strict=True)
-    unet.eval().requires_grad_(False)
     vae.eval().requires_grad_(False)
-    del unet_sd, vae_sd
+    del vae_sd
     free(device)
-
+    if sampling:  # built first, as ours is: the encode rows' peak memory includes it on both sides
+        ucfg = DIFFUSERS_TINY_SDXL if family.name == "sdxl-tiny" else DIFFUSERS_SDXL
+        unet_sd = convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v for k, v in weights["unet"].items()},
+                                              ucfg)  # fmt: skip
+        with torch.device(device):
+            unet = UNet2DConditionModel(**ucfg).to(dtype)
+        unet.load_state_dict(unet_sd, strict=True)
+        unet.eval().requires_grad_(False)
+        del unet_sd
+        free(device)
     enc = bench_encode(impl, lambda x: vae.encode(x).latent_dist.mean, inp, device, dtype, s, rows)
+    if not sampling:
+        z = decode_latents(inp, ours, family).to(device, dtype)
+        dec = bench_decode(impl, lambda: vae.decode(z, return_dict=False)[0], device, s, rows)
+        emit({"impl": "parity", "op": "same weights, ours vs diffusers",
+              "vae_encode_max_abs_diff": max_diff(ours["encode"], enc), "vae_encode_max_abs": scale(enc),
+              "vae_decode_max_abs_diff": max_diff(ours["decode"], dec), "vae_decode_max_abs": scale(dec),
+              "dtype": str(dtype).removeprefix("torch.")}, rows)  # fmt: skip
+        del vae
+        free(device)
+        return
+
     ctx = torch.cat([torch.zeros_like(inp.context), inp.context]).to(device, dtype)  # [uncond, cond]
     pooled = torch.cat([torch.zeros_like(inp.pooled), inp.pooled]).to(device, dtype)
     time_ids = torch.tensor([[s.size, s.size, 0, 0, s.size, s.size]] * 2, device=device, dtype=dtype)
@@ -291,6 +469,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default 30; 3 with --tiny)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 3; 1 with --tiny)")
     ap.add_argument("--peer", default="auto", choices=("auto", "yes", "no"), help="also run diffusers")
+    ap.add_argument("--only", default="all", choices=("all", "vae"),
+                    help="vae: the VAE encode / decode rows only (no UNet, no sampling)")
+    ap.add_argument("--variants", default=None,
+                    help=f"comma-separated optimize_vae variants of {VARIANTS}, '' for none (default: the first "
+                         "three; compiled+cl on the CPU, compiled with the eager backend)")  # fmt: skip
+    ap.add_argument("--compile-backend", default="auto", help="auto: inductor on CUDA, eager (dynamo only) on the CPU")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = resolve_device(args.device, args.tiny)
@@ -299,6 +483,16 @@ def main(argv=None) -> int:
     make = Settings.tiny if args.tiny else Settings.full
     s = make(**{k: v for k, v in (("steps", args.steps), ("repeats", args.repeats)) if v is not None})
     family = checkpoint.FAMILIES["sdxl-tiny" if args.tiny else "sdxl"]
+    sampling = args.only == "all"
+    cuda = device.type == "cuda"
+    backend = args.compile_backend if args.compile_backend != "auto" else "inductor" if cuda else "eager"
+    variants = args.variants
+    if variants is None:
+        variants = ",".join(VARIANTS[:3]) if cuda else "compiled+cl"
+    variants = [v for v in variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"--variants {args.variants!r}: unknown {unknown}; use a comma-separated subset of {VARIANTS}")
     if device.type == "cuda":
         from eridiffusion.speed import set_fast_math
 
@@ -313,21 +507,31 @@ def main(argv=None) -> int:
                 raise
             peer, note = False, "diffusers is not importable: peer rows skipped"
     env = {**environment(device), "family": family.name, "dtype": str(dtype).removeprefix("torch."),
-           "settings": s.__dict__, "peer": peer, "note": note}  # fmt: skip
+           "settings": s.__dict__, "peer": peer, "note": note, "only": args.only, "variants": variants,
+           "compile_backend": backend}  # fmt: skip
     print(json.dumps({"env": env}), flush=True)
-    rows: list[dict] = []
+    rows = Rows(args.out, env)
     inp = Inputs.make(family, s)
-    ours = run_ours(family, device, dtype, inp, s, rows, keep_weights=peer)
+    ours = run_ours(family, device, dtype, inp, s, rows, keep_weights=peer, sampling=sampling)
     if peer:
-        run_peer(family, device, dtype, inp, s, rows, ours.pop("weights"), ours)
+        run_peer(family, device, dtype, inp, s, rows, ours.pop("weights"), ours, sampling=sampling)
+    if device.type == "cuda":  # before the variants: seconds, where their compiles take minutes
+        bench_mid_attention(family, device, dtype, s, rows)
+    run_variants(family, device, dtype, inp, s, rows, variants, backend, ours)
     add_ratios(rows)
     write_json(args.out, env, rows)
     print()
     if note:
         print(note)
-    print_table([r for r in rows if r["impl"] != "parity"],
-                [("impl", 12), ("op", 22), ("batch", 5), ("s_per_image", 11), ("s_per_batch", 11), ("img_per_s", 9),
-                 ("peak_gib", 8), ("time_ratio_ours_over_peer", 25)])  # fmt: skip
+    print_table([r for r in rows if r["impl"] not in ("parity", "mid_attention")],
+                [("impl", 32), ("op", 22), ("batch", 5), ("s_per_image", 11), ("s_per_batch", 11), ("img_per_s", 9),
+                 ("peak_gib", 8), ("first_call_s", 12), ("max_abs_diff_vs_eager", 21),
+                 ("time_ratio_ours_over_peer", 25)])  # fmt: skip
+    attention = [r for r in rows if r["impl"] == "mid_attention"]
+    if attention:
+        print()
+        print_table(attention, [("op", 24), ("tokens", 6), ("channels", 8), ("ms", 8), ("max_abs_diff_vs_fp32", 20),
+                                ("error", 40)])  # fmt: skip
     for r in rows:
         if r["impl"] == "parity":
             print("parity (max abs diff / max abs):", ", ".join(

@@ -286,8 +286,9 @@ def load(
 ) -> Components:
     """Load the `parts` of a single-file checkpoint, strictly, in eval mode with frozen weights.
 
-    Floating tensors are cast to `dtype` one at a time as they are read; `family` (a FAMILIES
-    name) makes a checkpoint of another family an error instead of a surprise.
+    All parts are read at once by ``WeightLoader.read_many`` (parallel reads through small host
+    buffers; floating tensors cast to `dtype` on `device`); `family` (a FAMILIES name) makes a
+    checkpoint of another family an error instead of a surprise.
     """
     unknown = set(parts) - set(PARTS)
     if unknown:
@@ -311,13 +312,16 @@ def load(
                 raise ShapeMismatch(c.prefix + key, expected, found, loader.path)
         if unclaimed:
             raise KeyMismatch(loader.path, "file", [], unclaimed)
+        requests = [
+            (c.prefix + k, meta.shape, dtype if meta.is_floating_point() else None)
+            for c in checks
+            for k, meta in models[c.part].state_dict().items()
+        ]
+        tensors = loader.read_many(requests, device=device)
         out = Components(fam)
         for c in checks:
             model = models[c.part]
-            state = {}
-            for k, meta in model.state_dict().items():
-                want = dtype if meta.is_floating_point() else None
-                state[k] = loader.tensor(c.prefix + k, meta.shape, dtype=want, device=device)
+            state = {k: tensors.pop(c.prefix + k) for k in model.state_dict()}
             model.load_state_dict(state, strict=True, assign=True)
             del state
             left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from eridiffusion import ops
 from eridiffusion.io import atomic_write
 
 PREFIXES = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_", "te": "lora_te_"}
@@ -146,7 +147,21 @@ class LoRALinear(_LoRABase):
         h = F.linear(self.dropout(x), self.lora_down.weight.to(x.dtype))  # (..., rank)
         return F.linear(h, self.lora_up.weight.to(x.dtype)) * (self.scale * self.multiplier)
 
+    def linear_parts(self, dtype: torch.dtype):
+        """(weight, bias, down, scaled up) in `dtype` for `ops.project`; None with dropout or a
+        trainable base (then `forward` takes the plain path)."""
+        frozen = not (self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad))
+        if not frozen or not isinstance(self.dropout, nn.Identity):
+            return None
+        if self.merged:
+            return self.weight, self.bias, None, None
+        up = self.lora_up.weight * (self.scale * self.multiplier)
+        return self.weight, self.bias, self.lora_down.weight.to(dtype), up.to(dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = self.linear_parts(x.dtype) if x.dtype == self.weight.dtype else None
+        if parts is not None and parts[2] is not None:  # the update added in the GEMM epilogue
+            return ops.lora_linear(x, *parts)
         out = F.linear(x, self.weight, self.bias)
         if self.merged:
             return out

@@ -17,7 +17,7 @@ import contextlib
 import torch
 from torch import nn
 
-from .models.unet import BasicTransformerBlock, ResBlock, UNet
+from .models.unet import BasicTransformerBlock, CrossAttention, ResBlock, UNet
 
 SCOPES = ("none", "blocks", "stages")
 
@@ -64,13 +64,23 @@ def attention_priority(backend: str = "auto"):
     return sdpa_kernel(order, set_priority=True)
 
 
+def fuse_qkv(unet: UNet, on: bool = True) -> int:
+    """Compute every self-attention's q, k, v with one GEMM (LoRA included; names unchanged);
+    returns how many attention layers were switched."""
+    layers = [m for name, m in unet.named_modules() if isinstance(m, CrossAttention) and name.endswith("attn1")]
+    for m in layers:
+        m.fuse_qkv = on
+    return len(layers)
+
+
 def optimize_for_training(
     unet: UNet, compile: bool = True, scope: str = "blocks", channels_last: bool = False, mode: str | None = None,
-    backend: str = "inductor", dynamic: bool | None = False,
+    backend: str = "inductor", dynamic: bool | None = False, fused_qkv: bool = False,
 ) -> UNet:
     """Make `unet` fast for LoRA training on CUDA (in place) and return it. Regional compile
     measured +21% at batch 4 on an H100 (docs/benchmarks.md); the first step compiles (~50 s)."""
     unet.train()
+    fuse_qkv(unet, fused_qkv)
     if torch.cuda.is_available():
         set_fast_math()
     if channels_last:
@@ -265,3 +275,49 @@ def training_step(body, params: list[torch.Tensor], optimizer: torch.optim.Optim
         return loss
 
     return step
+
+
+# ---------------------------------------------------------------- the VAE (inference)
+VAE_PARTS = ("encoder", "decoder")
+# Latent caching compiles the encoder (train.compile, CUDA) only for at least this many images:
+# compiling its two graphs (the first bucket's, then a shape-generic one) costs about a minute
+# (estimate; bench/vae_sample.py reports it as first_call_s), and at batch 1 it saves a few tens of
+# ms an image next to a similar time loading it, so a smaller dataset is cached sooner eagerly.
+VAE_COMPILE_MIN_IMAGES = 2000
+
+
+def optimize_vae(
+    vae: nn.Module, compile: bool = True, channels_last: bool = True, dynamic: bool | None = None,
+    parts: tuple[str, ...] = VAE_PARTS, mode: str | None = None, backend: str = "inductor",
+) -> nn.Module:
+    """Make a `models.vae.AutoencoderKL` fast for inference (in place) and return it.
+
+    `vae.encoder` and `vae.decoder` (`parts`) are each compiled whole with `nn.Module.compile`, so
+    `state_dict()` keeps the checkpoint's names. Whole, not block by block: the VAE's blocks differ
+    in width and resolution, so regions would share no graph, and each ResnetBlock instance would be
+    another cache entry of the one `ResnetBlock.forward` code object, which dynamo stops compiling
+    after 8 (the rest then runs eagerly, silently); one graph per stack also lets inductor fuse every
+    GroupNorm + SiLU and residual add into a few passes over the 1024² × 128 activations. The
+    `quant_conv` / `post_quant_conv` 1×1 convs (8 channels) stay eager.
+
+    `channels_last`: NHWC conv weights in `parts`, so cuDNN runs its NHWC kernels without the
+    NCHW↔NHWC transposes around each conv (conv outputs follow the weights' layout, so the input
+    needs no conversion). Only worth it compiled: eager NHWC GroupNorm is slower than NCHW (encode
+    1024², H100: 13.4 vs 20.1 img/s, bench/results/vae_sample_h100.json).
+
+    `dynamic=None`: the first image shape compiles a static graph and a second shape (another
+    aspect bucket) one shape-generic graph for the rest, instead of one graph per bucket; `False`
+    specialises on each shape (benchmarks at one shape). Values equal the eager VAE's up to the
+    fused kernels' rounding.
+    """
+    unknown = set(parts) - set(VAE_PARTS)
+    if unknown:
+        raise ValueError(f"optimize_vae: parts {sorted(unknown)} unknown; use a subset of {VAE_PARTS}")
+    vae.eval()
+    for name in parts:
+        part = getattr(vae, name)
+        if channels_last:
+            part.to(memory_format=torch.channels_last)
+        if compile:
+            part.compile(backend=backend, mode=mode, dynamic=dynamic)
+    return vae

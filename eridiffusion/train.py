@@ -274,6 +274,9 @@ def _fill_cache(s: Setup, log: Log, progress: bool, rank: int = 0, world: int = 
         todo = [i_f for n, (i_f, key) in enumerate(keys.items())
                 if not s.cache.path("latent", key).is_file() and n % world == rank]  # fmt: skip
         log(f"cache: {len(keys)} latents, encoding {len(todo)}{share} in {s.cache.root}")
+        if s.cfg.train.compile and s.device.type == "cuda" and len(todo) >= speed.VAE_COMPILE_MIN_IMAGES:
+            log("cache: compiling the VAE encoder (train.compile); the first two bucket shapes compile")
+            speed.optimize_vae(c.vae, parts=("encoder",), dynamic=None)  # shape-generic after the 2nd bucket
         for i, f in tqdm(todo, desc="latents", disable=not progress or not todo, leave=False):
             item = data.load_item(i, torch.Generator().manual_seed(0), flip=f)  # leaves the global RNG alone
             enc = encode_latents(c.vae, item["pixels"][None].to(s.device), c.family.vae.scaling_factor)
@@ -560,8 +563,9 @@ def train(
             if te is not None:
                 te.train()  # LoRA dropout on
     c.unet.gradient_checkpointing = t_cfg.gradient_checkpointing
-    # train mode, TF32 and cuDNN autotune on CUDA; compiled regions go shape-generic after one recompile (buckets)
-    speed.optimize_for_training(c.unet, compile=t_cfg.compile, dynamic=None)
+    # train mode, TF32 and cuDNN autotune on CUDA, self-attention q/k/v (and LoRA) as one GEMM;
+    # compiled regions go shape-generic after one recompile (buckets)
+    speed.optimize_for_training(c.unet, compile=t_cfg.compile, dynamic=None, fused_qkv=True)
     text_encoder = None if s.cache_text else TextConditioner(c)
     n_params = sum(p.numel() for net in networks.values() for p in net.lora_parameters())
     log(f"lora: rank {lo.rank}, alpha {lo.alpha}, {n_params:,} trainable parameters in {', '.join(networks)}")

@@ -4,8 +4,11 @@ safetensors layout (https://github.com/huggingface/safetensors#format): an 8-byt
 little-endian header length N, N bytes of JSON
 ``{"key": {"dtype": "F16", "shape": [...], "data_offsets": [begin, end]}, "__metadata__": {...}}``,
 then the raw tensor bytes (offsets are relative to the end of the header). The header is
-read and validated here; tensors are read one at a time from the memory-mapped file
-(``safetensors.safe_open``), so a 7 GB checkpoint never sits in RAM twice.
+read and validated here. ``get``/``tensor`` read one tensor from the memory-mapped file
+(``safetensors.safe_open``); ``read_many`` reads many at once with a pool of threads, each
+``os.preadv``-ing its own contiguous stretch of the file into a small reused host buffer (pinned
+for CUDA) and copying to the device, where it casts. Either way a 7 GB checkpoint never sits in
+RAM twice.
 
 Pickle checkpoints (.ckpt/.pt/.pth/.bin) can run code when unpickled; they are refused
 unless ``allow_pickle=True``, and even then read only with ``torch.load(weights_only=True)``.
@@ -13,19 +16,25 @@ unless ``allow_pickle=True``, and even then read only with ``torch.load(weights_
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
 import struct
+import sys
+import threading
 import zipfile
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library refuses larger headers too
+_CHUNK = 16 << 20  # read_many: bytes per read, caps each worker's host buffer; a multiple of 8 (itemsize)
 
 # safetensors dtype names (the JSON header) -> torch dtypes.
 _DTYPES: dict[str, torch.dtype] = {
@@ -88,6 +97,14 @@ class PickleRefused(WeightError):
         )
 
 
+class ReadFailed(WeightError):
+    """A tensor's bytes could not be read (the file was cut short after its header was read, or an I/O error)."""
+
+    def __init__(self, file: str | os.PathLike, key: str, reason: str):
+        self.file, self.key = str(file), key
+        super().__init__(f"{self.file}: tensor {key!r}: {reason}")
+
+
 def _looks_like_pickle(head: bytes) -> bool:
     """torch.save writes a zip archive (PK\\x03\\x04) since 1.6, raw pickles (protocol >= 2) before."""
     return head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
@@ -129,6 +146,36 @@ def _read_safetensors_header(path: Path, size: int) -> tuple[dict, dict, int]:
             )
         entry["shape"] = shape
     return header, {str(k): str(v) for k, v in metadata.items()}, 8 + n
+
+
+@dataclass
+class _Job:
+    """One tensor for read_many: where its bytes are and what to make of them."""
+
+    key: str
+    shape: torch.Size
+    stored: torch.dtype
+    dtype: torch.dtype  # wanted
+    offset: int  # absolute, in the file
+    nbytes: int
+
+
+def _split(jobs: list[_Job], n: int) -> list[list[_Job]]:
+    """`jobs` (sorted by offset) cut into at most `n` contiguous runs of about equal bytes:
+    each worker then reads one stretch of the file front to back, so the kernel's per-file
+    readahead sees a sequential stream."""
+    total = sum(j.nbytes for j in jobs) or 1
+    groups: list[list[_Job]] = [[] for _ in range(n)]
+    seen = 0
+    for j in jobs:
+        groups[min(n - 1, seen * n // total)].append(j)
+        seen += j.nbytes
+    return [g for g in groups if g]
+
+
+def _host_buffer(nbytes: int, pinned: bool) -> torch.Tensor:
+    """A read_many worker's staging buffer (pinned memory makes host->device copies DMA)."""
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
 
 
 class WeightLoader:
@@ -225,6 +272,10 @@ class WeightLoader:
         return sum(e["data_offsets"][1] - e["data_offsets"][0] for e in self._header.values())
 
     # -- reading ------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._handle is None and self._state is None:
+            raise ValueError(f"{self.path}: WeightLoader is closed; read tensors inside the `with` block")
+
     def get(self, key: str, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
         """Read one tensor into fresh memory of `dtype` on `device`; only this tensor is materialised.
 
@@ -232,8 +283,7 @@ class WeightLoader:
         kernels, last-bit differences) and would crash with SIGBUS if the file changed on disk.
         """
         self._entry(key)
-        if self._handle is None and self._state is None:
-            raise ValueError(f"{self.path}: WeightLoader is closed; read tensors inside the `with` block")
+        self._check_open()
         t = self._state[key] if self._state is not None else self._handle.get_tensor(key)
         return t.to(device=device, dtype=dtype, copy=True)
 
@@ -243,6 +293,108 @@ class WeightLoader:
         if found != torch.Size(shape):
             raise ShapeMismatch(key, shape, found, self.path)
         return self.get(key, dtype=dtype, device=device)
+
+    def read_many(
+        self,
+        requests: Iterable[tuple[str, tuple[int, ...] | torch.Size | None, torch.dtype | None]],
+        device=None,
+        workers: int = 8,
+    ) -> dict[str, torch.Tensor]:
+        """Read many tensors at once: ``{key: tensor}`` in request order, each equal to
+        ``tensor(key, shape, dtype, device)`` (same values, dtype, device, contiguous, freshly
+        allocated so 64-byte aligned on the CPU).
+
+        `requests` are ``(key, shape, dtype)``; shape None skips its check, dtype None keeps the
+        stored one. Every key and shape is checked before anything is read. safetensors files:
+        `workers` threads each open the file and ``os.preadv`` one contiguous stretch of it, tensor
+        by tensor in chunks of 16 MiB, into a buffer of their own (pinned when `device` is CUDA) that
+        is copied to the device, where the cast happens: the same steps on the CPU, where the copy
+        is a no-op. Pickle files read through ``get``.
+        """
+        reqs = [(key, None if shape is None else torch.Size(shape), dtype) for key, shape, dtype in requests]
+        for key, shape, _ in reqs:
+            found = self.shape(key)
+            if shape is not None and found != shape:
+                raise ShapeMismatch(key, shape, found, self.path)
+        self._check_open()
+        if self._state is not None or sys.byteorder != "little":  # safetensors data is little-endian
+            return {key: self.get(key, dtype=dtype, device=device) for key, _, dtype in reqs}
+        device = torch.device(device if device is not None else "cpu")
+        if device.type == "cuda" and device.index is None:  # worker threads start on device 0
+            device = torch.device("cuda", torch.cuda.current_device())
+        jobs = []
+        for key, _, dtype in reqs:
+            e = self._header[key]
+            begin, end = e["data_offsets"]
+            stored, offset = _DTYPES[e["dtype"]], self._data_start + begin
+            jobs.append(_Job(key, torch.Size(e["shape"]), stored, dtype or stored, offset, end - begin))
+        jobs.sort(key=lambda j: j.offset)
+        out: dict[str, torch.Tensor] = {}
+        stop = threading.Event()
+        groups = _split(jobs, max(1, min(workers, len(jobs))))
+        with ThreadPoolExecutor(len(groups), thread_name_prefix="read_many") as pool:
+            futures = [pool.submit(self._read_run, g, device, out, stop) for g in groups]
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+            finally:
+                stop.set()  # the others stop at their next tensor
+        for f in futures:
+            if f.exception() is not None:
+                raise f.exception()
+        if device.type == "cuda":  # the last casts were queued from the workers' threads
+            torch.cuda.synchronize(device)
+        return {key: out[key] for key, _, _ in reqs}
+
+    def _read_run(self, jobs: list[_Job], device: torch.device, out: dict, stop: threading.Event) -> None:
+        """One worker of read_many: read `jobs` (one stretch of the file) in order into `out`."""
+        buf = _host_buffer(max(1, min(_CHUNK, max(j.nbytes for j in jobs))), pinned=device.type == "cuda")
+        with open(self.path, "rb", buffering=0) as f:
+            if hasattr(os, "posix_fadvise"):  # a larger readahead window for this handle; only a hint
+                span = jobs[-1].offset + jobs[-1].nbytes - jobs[0].offset
+                with contextlib.suppress(OSError):
+                    os.posix_fadvise(f.fileno(), jobs[0].offset, span, os.POSIX_FADV_SEQUENTIAL)
+            for j in jobs:
+                if stop.is_set():
+                    return
+                out[j.key] = self._read_one(f, j, device, buf)
+
+    def _read_one(self, f, j: _Job, device: torch.device, buf: torch.Tensor) -> torch.Tensor:
+        """Read `j` chunk by chunk through `buf`, the same steps on every device: host -> device
+        copy (a no-op on the CPU), then the cast on the device as ``Tensor.to`` does it."""
+        t = torch.empty(j.shape, dtype=j.dtype, device=device)
+        flat, item = t.view(-1), j.stored.itemsize  # (numel,)
+        for start in range(0, j.nbytes, len(buf)):
+            n = min(len(buf), j.nbytes - start)
+            self._pread(f, j, buf[:n], start)
+            chunk = buf[:n].view(j.stored)  # (n // item,)
+            if j.dtype != j.stored:
+                chunk = chunk.to(device)  # the cast below then runs on the device, not the host
+            flat[start // item : (start + n) // item].copy_(chunk)  # synchronous from the host: buf is reused next
+        return t
+
+    def _pread(self, f, j: _Job, into: torch.Tensor, start: int) -> None:
+        """Fill CPU uint8 tensor `into` with the bytes of `j` from `start`; short reads are errors."""
+        view, done = memoryview(into.numpy()), 0
+        while done < len(view):
+            at = j.offset + start + done
+            try:
+                if hasattr(os, "preadv"):
+                    got = os.preadv(f.fileno(), [view[done:]], at)
+                else:  # Windows: this worker's own handle, so seeking is safe
+                    f.seek(at)
+                    got = f.readinto(view[done:])
+            except OSError as e:
+                reason = f"reading {len(view) - done} bytes at byte {at} failed ({e.strerror or e})"
+                raise ReadFailed(self.path, j.key, reason) from None
+            if not got:
+                size = os.fstat(f.fileno()).st_size
+                raise ReadFailed(
+                    self.path,
+                    j.key,
+                    f"truncated: its data ends at byte {j.offset + j.nbytes}, the file now has {size}; "
+                    "the file changed on disk, download it again",
+                )
+            done += got
 
     # -- lifetime -----------------------------------------------------------------
     def close(self) -> None:

@@ -1,10 +1,13 @@
 """Speed settings keep the model's names and its numbers (CPU; the GPU side is test_speed_gpu.py)."""
 from __future__ import annotations
 
+import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from eridiffusion import speed
 from eridiffusion.models.unet import BasicTransformerBlock, ResBlock, UNet, UNetConfig
+from eridiffusion.models.vae import AutoencoderKL, VAEConfig
 from eridiffusion.tiny import demo_config, prepare
 from eridiffusion.train import train
 
@@ -39,3 +42,136 @@ def test_train_compile_option_compiles_and_gives_the_same_losses(tmp_path, monke
     compiled = train(cfg.replace(train={"compile": True}), progress=False, log=lambda s: None)
     assert len(calls) == 1
     assert compiled.losses == plain.losses
+
+
+def test_fused_qkv_gives_the_same_output_and_gradients_with_and_without_lora():
+    """One GEMM for q, k, v (and one rank-3r LoRA down / block-diagonal up) equals three."""
+    from eridiffusion import lora
+
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig.tiny()).train()
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([500, 20])
+    ctx, y = torch.randn(2, 77, 96, generator=g), torch.randn(2, 256, generator=g)
+    w = torch.randn(2, 4, 16, 16, generator=g)
+
+    def run(fused: bool, params):
+        assert speed.fuse_qkv(unet, fused) == sum(isinstance(m, BasicTransformerBlock) for m in unet.modules())
+        for p in params:
+            p.grad = None
+        xi = x.clone().requires_grad_()
+        out = unet(xi, t, ctx, y)
+        (out * w).sum().backward()
+        return [out.detach(), xi.grad] + [p.grad for p in params]
+
+    unet.requires_grad_(False)
+    plain = run(False, [])
+    torch.testing.assert_close(run(True, []), plain, rtol=0, atol=1e-5)
+    net = lora.inject(unet, "unet", rank=4, alpha=2)  # q, k, v, out and more, up weights non-zero below
+    net.set_multiplier(0.5)
+    with torch.no_grad():
+        for p in net.lora_parameters():
+            p.normal_(std=0.1, generator=g)
+    params = net.lora_parameters()
+    ref = run(False, params)
+    assert (ref[0] - plain[0]).abs().max() > 1e-2  # the LoRA path matters
+    for ours, want in zip(run(True, params), ref):
+        torch.testing.assert_close(ours, want, rtol=0, atol=1e-5)
+
+
+def tiny_vae():
+    """Tiny VAE with randomised GroupNorm affines (so a skipped or swapped norm shows)."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig.tiny()).eval()
+    with torch.no_grad():
+        for m in vae.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.copy_(1 + 0.2 * torch.randn_like(m.weight))
+                m.bias.copy_(0.2 * torch.randn_like(m.bias))
+    return vae
+
+
+@torch.no_grad()
+def test_optimize_vae_keeps_names_and_values_and_compiles_each_stack_whole():
+    vae, plain = tiny_vae(), tiny_vae()
+    state = {k: v.clone() for k, v in vae.state_dict().items()}
+    x, z = torch.rand(2, 3, 64, 48) * 2 - 1, torch.randn(2, 4, 8, 6)
+    torch._dynamo.reset()
+    counters.clear()
+    assert speed.optimize_vae(vae, channels_last=False, backend="eager") is vae
+    after = vae.state_dict()
+    assert list(after) == list(state)  # in place: no `_orig_mod.` prefix
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+    post, ref = vae.encode(x), plain.encode(x)
+    torch.testing.assert_close(post.mean, ref.mean, rtol=0, atol=0)
+    torch.testing.assert_close(post.logvar, ref.logvar, rtol=0, atol=0)
+    torch.testing.assert_close(vae.decode(z), plain.decode(z), rtol=0, atol=0)
+    # one graph for the encoder, one for the decoder: compiled (not silently eager) and no graph break
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+
+
+@torch.no_grad()
+def test_optimize_vae_channels_last_same_outputs_and_one_graph_for_all_buckets():
+    """Channels-last weights change only the conv kernels' rounding: the compiled VAE (dynamo + AOT
+    autograd, eager kernels) equals an eager VAE with the same layout exactly and the plain one to fp32
+    rounding; a second image shape compiles a shape-generic graph that a third reuses."""
+    vae, plain, same_layout = tiny_vae(), tiny_vae(), tiny_vae()
+    same_layout.encoder.to(memory_format=torch.channels_last)
+    same_layout.decoder.to(memory_format=torch.channels_last)
+    keys = list(vae.state_dict())
+    torch._dynamo.reset()
+    counters.clear()
+    speed.optimize_vae(vae, backend="aot_eager")  # channels_last=True, dynamic=None: as latent caching runs it
+    assert list(vae.state_dict()) == keys
+    assert vae.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.equal(a, b) for a, b in zip(vae.state_dict().values(), plain.state_dict().values()))
+    graphs = []
+    for h, w in ((64, 48), (48, 64), (64, 64)):  # three aspect buckets
+        x, z = torch.rand(2, 3, h, w) * 2 - 1, torch.randn(2, 4, h // 8, w // 8)
+        mean, image = vae.encode(x).mean, vae.decode(z)
+        graphs.append(counters["stats"]["unique_graphs"])
+        torch.testing.assert_close(mean, same_layout.encode(x).mean, rtol=0, atol=0)
+        torch.testing.assert_close(image, same_layout.decode(z), rtol=0, atol=0)
+        ref_mean, ref_image = plain.encode(x).mean, plain.decode(z)
+        torch.testing.assert_close(mean, ref_mean, rtol=0, atol=1e-5 * ref_mean.abs().max().item())
+        torch.testing.assert_close(image, ref_image, rtol=0, atol=1e-5 * ref_image.abs().max().item())
+    assert graphs == [2, 4, 4]  # encoder + decoder static, then shape-generic, then no recompile
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    torch.testing.assert_close(vae.encode(x.contiguous(memory_format=torch.channels_last)).mean,
+                               same_layout.encode(x).mean, rtol=0, atol=0)  # fmt: skip
+
+
+def test_optimize_vae_rejects_unknown_parts():
+    with pytest.raises(ValueError, match=r"parts \['unet'\] unknown"):
+        speed.optimize_vae(tiny_vae(), parts=("encoder", "unet"), backend="eager")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_latent_cache_with_compile_runs_the_compiled_encoder_and_writes_the_same_latents(tmp_path, monkeypatch):
+    """`train.compile` on CUDA: the cache fill compiles the VAE encoder (two bucket shapes: the static
+    graph, then the shape-generic one) and writes the latents the eager encoder writes."""
+    from safetensors.torch import load_file
+
+    from eridiffusion.train import build_cache
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convolutions on both sides
+    prepare(tmp_path, n_images=4, log=lambda s: None)
+    cfg = demo_config(tmp_path, 1).replace(train={"device": "cuda"})
+    build_cache(cfg.replace(cache={"dir": str(tmp_path / "eager")}), log=lambda s: None, progress=False)
+    calls, original = [], speed.optimize_vae
+    monkeypatch.setattr(speed, "VAE_COMPILE_MIN_IMAGES", 1)
+    monkeypatch.setattr(speed, "optimize_vae", lambda vae, **kw: calls.append(kw) or original(vae, **kw))
+    build_cache(cfg.replace(train={"compile": True}, cache={"dir": str(tmp_path / "compiled")}), log=lambda s: None,
+                progress=False)  # fmt: skip
+    assert calls == [{"parts": ("encoder",), "dynamic": None}]
+    eager = sorted((tmp_path / "eager" / "latent").rglob("*.safetensors"))
+    assert len(eager) == 8  # 4 images × 2 flips, in two bucket shapes
+    for path in eager:
+        want = load_file(path)
+        got = load_file(tmp_path / "compiled" / path.relative_to(tmp_path / "eager"))
+        for k in ("mean", "std"):
+            # fp32; other conv kernels and the fused GroupNorm round differently, and GroupNorm over the
+            # flat-colour images' near-constant groups amplifies that: on the CPU, channels-last weights
+            # alone move these latents by up to 4e-3 of their largest value (random photos: 3e-6)
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-2 * want[k].abs().max().item())

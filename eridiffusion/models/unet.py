@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from eridiffusion import ops
+
 GROUPS = 32  # GroupNorm groups everywhere in the ldm UNet
 
 
@@ -113,7 +115,10 @@ class ResBlock(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention without q/k/v bias; self-attention when `context` is None."""
+    """Multi-head attention without q/k/v bias; self-attention when `context` is None.
+
+    `fuse_qkv = True` computes a self-attention's q, k, v with one GEMM over the concatenated
+    weights (`ops.project`, LoRA updates included); the parameters keep their names."""
 
     def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int):
         super().__init__()
@@ -123,14 +128,19 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner, bias=False)
         self.to_v = nn.Linear(context_dim, inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+        self.fuse_qkv = False
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
         b, t, _ = x.shape
-        q = self.to_q(x).view(b, t, self.heads, -1).transpose(1, 2)  # (B, heads, T, head_dim)
-        s = context.shape[1]
-        k = self.to_k(context).view(b, s, self.heads, -1).transpose(1, 2)  # (B, heads, S, head_dim)
-        v = self.to_v(context).view(b, s, self.heads, -1).transpose(1, 2)
+        if context is None and self.fuse_qkv:
+            q, k, v = ops.project((self.to_q, self.to_k, self.to_v), x)
+        else:
+            context = x if context is None else context
+            q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        s = k.shape[1]
+        q = q.view(b, t, self.heads, -1).transpose(1, 2)  # (B, heads, T, head_dim)
+        k = k.view(b, s, self.heads, -1).transpose(1, 2)  # (B, heads, S, head_dim)
+        v = v.view(b, s, self.heads, -1).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, head_dim)
         return self.to_out(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, heads·head_dim)
 
@@ -187,7 +197,9 @@ class SpatialTransformer(nn.Module):
         )
         self.proj_out = nn.Linear(channels, channels) if use_linear else nn.Conv2d(channels, channels, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, ckpt: bool = False) -> torch.Tensor:
+        """`ckpt`: recompute each transformer block in backward, one at a time (the peak holds one
+        block's activations, not the whole stack's: SDXL has stacks of 10)."""
         b, c, h, w = x.shape
         residual = x
         x = self.norm(x)
@@ -197,7 +209,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
-            x = block(x, context)
+            x = checkpoint(block, x, context, use_reentrant=False) if ckpt else block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
         x = x.transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
@@ -226,18 +238,16 @@ class Upsample(nn.Module):
 
 class TimestepEmbedSequential(nn.Sequential):
     """One `input_blocks.i` / `middle_block` / `output_blocks.i`: routes emb and context to the
-    layers that take them, and checkpoints each ResBlock / SpatialTransformer when asked."""
+    layers that take them, and checkpoints each ResBlock and transformer block when asked."""
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, ckpt: bool = False):
         for layer in self:
             if isinstance(layer, ResBlock):
-                args = (x, emb)
+                x = checkpoint(layer, x, emb, use_reentrant=False) if ckpt else layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                args = (x, context)
+                x = layer(x, context, ckpt)
             else:
                 x = layer(x)
-                continue
-            x = checkpoint(layer, *args, use_reentrant=False) if ckpt else layer(*args)
         return x
 
 
@@ -245,7 +255,7 @@ class UNet(nn.Module):
     """sgm `UNetModel`: `forward(x, timesteps, context, y=None)` -> noise prediction, shape of x.
 
     Runs in the dtype of its weights (inputs are cast; the sinusoid is computed in fp32). Set
-    `gradient_checkpointing = True` to recompute each ResBlock / SpatialTransformer in backward.
+    `gradient_checkpointing = True` to recompute each ResBlock / BasicTransformerBlock in backward.
     Unlike sgm, no layer is zero-initialised: weights always come from a checkpoint, and random
     tiny models should give non-trivial outputs.
     """

@@ -15,8 +15,8 @@ from torch import nn
 
 import eridiffusion.models.unet as unet_mod
 from eridiffusion.models.unet import (
+    BasicTransformerBlock,
     ResBlock,
-    SpatialTransformer,
     UNet,
     UNetConfig,
     sdxl_vector,
@@ -166,8 +166,8 @@ def test_gradient_checkpointing_same_output_and_grads(monkeypatch):
     out0, gx0, gc0, grads0 = run(False)
     assert calls == []
     out1, gx1, gc1, grads1 = run(True)
-    n_blocks = sum(isinstance(m, (ResBlock, SpatialTransformer)) for m in model.modules())
-    assert len(calls) == n_blocks and set(calls) == {"ResBlock", "SpatialTransformer"}
+    n_blocks = sum(isinstance(m, (ResBlock, BasicTransformerBlock)) for m in model.modules())
+    assert len(calls) == n_blocks and set(calls) == {"ResBlock", "BasicTransformerBlock"}
     torch.testing.assert_close(out1, out0, rtol=0, atol=1e-6)
     torch.testing.assert_close(gx1, gx0, rtol=0, atol=1e-6)
     torch.testing.assert_close(gc1, gc0, rtol=0, atol=1e-6)

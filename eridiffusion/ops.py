@@ -1,0 +1,89 @@
+"""Fused linear ops shared by the models and the LoRA adapters.
+
+- `lora_linear`: y = x Wᵀ + b + (x Aᵀ) Bᵀ with the low-rank update added by the GEMM epilogue
+  (`addmm_`, beta = 1) rather than as a separate (…, out) tensor and an add pass; backward
+  adds the LoRA path's input gradient onto the base one the same way.
+- `project`: several projections of one input (self-attention q, k, v) as one GEMM over the
+  concatenated weights; LoRA updates ride along as one rank-Σr down projection and a
+  block-diagonal up projection. Layers say what they hold through `linear_parts(dtype)`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class _LoRALinear(torch.autograd.Function):
+    """W and b are frozen (no gradient for them). W may come in row blocks (q, k, v): they are
+    concatenated in forward and again in backward, so the concatenation is never saved.
+    Saves x and h = x Aᵀ, as autograd would; without `down` / `up` it is a plain linear."""
+
+    @staticmethod
+    def forward(ctx, x, bias, down, up, *weights):
+        weight = weights[0] if len(weights) == 1 else torch.cat(weights)  # (out, in)
+        x2 = x.reshape(-1, x.shape[-1])  # (M, in)
+        out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())  # (M, out)
+        h = None
+        if down is not None:
+            h = x2 @ down.t()  # (M, rank)
+            out.addmm_(h, up.t())
+        ctx.save_for_backward(x2, h, down, up, *weights)
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, h, down, up, *weights = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])  # (M, out)
+        gh = None if down is None else g @ up  # (M, rank)
+        grad_x = grad_down = grad_up = None
+        if ctx.needs_input_grad[0]:
+            weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+            grad_x = g @ weight
+            if gh is not None:
+                grad_x.addmm_(gh, down)
+            grad_x = grad_x.view(*grad.shape[:-1], x2.shape[-1])
+        if ctx.needs_input_grad[2]:
+            grad_down = gh.t() @ x2  # (rank, in)
+        if ctx.needs_input_grad[3]:
+            grad_up = g.t() @ h  # (out, rank)
+        return (grad_x, None, grad_down, grad_up) + (None,) * len(weights)
+
+
+def lora_linear(x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor], bias: torch.Tensor | None,
+                down: torch.Tensor | None, up: torch.Tensor | None) -> torch.Tensor:
+    """x (…, in) → x Wᵀ + b + (x downᵀ) upᵀ; `up` carries the scale; all in x's dtype. `weight`
+    may be a sequence of row blocks of W (frozen), concatenated on the fly and never saved."""
+    weights = (weight,) if torch.is_tensor(weight) else tuple(weight)
+    return _LoRALinear.apply(x, bias, down, up, *weights)
+
+
+def linear_parts(layer: nn.Module, dtype: torch.dtype):
+    """(weight, bias, down, up) of a frozen layer in `dtype` (down / up None without LoRA), or
+    None when it cannot join a fused projection (trainable base, LoRA dropout, another type)."""
+    parts = getattr(layer, "linear_parts", None)
+    if parts is not None:
+        return parts(dtype)
+    if type(layer) is nn.Linear and not layer.weight.requires_grad:
+        return layer.weight, layer.bias, None, None
+    return None
+
+
+def project(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+    """`[layer(x) for layer in layers]` computed by one GEMM when every layer allows it."""
+    parts = [linear_parts(layer, x.dtype) for layer in layers]
+    if any(p is None for p in parts) or any(p[0].dtype != x.dtype for p in parts):
+        return [layer(x) for layer in layers]
+    sizes = [p[0].shape[0] for p in parts]
+    weights = [p[0] for p in parts]  # row blocks of the (Σ out, in) weight
+    bias = None
+    if any(p[1] is not None for p in parts):
+        bias = torch.cat([p[1] if p[1] is not None else p[0].new_zeros(p[0].shape[0]) for p in parts])
+    down = up = None
+    if any(p[2] is not None for p in parts):
+        down = torch.cat([p[2] if p[2] is not None else p[0].new_zeros(0, p[0].shape[1]) for p in parts])  # (Σ r, in)
+        up = torch.block_diag(*[p[3] if p[3] is not None else p[0].new_zeros(p[0].shape[0], 0) for p in parts])
+    out = lora_linear(x, weights, bias, down, up)  # up: (Σ out, Σ r), block-diagonal
+    return list(out.split(sizes, dim=-1))
