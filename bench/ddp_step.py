@@ -77,7 +77,7 @@ def build(args, w: distributed.World):
     use_ddp = (w.distributed or args.ddp_always) and not args.graph
     if use_ddp:
         model = distributed.DDP(unet, device_ids=[device.index] if device.type == "cuda" else None,
-                                forward_sync_buffers=False, init_sync=False, gradient_as_bucket_view=True,
+                                broadcast_buffers=False, init_sync=False, gradient_as_bucket_view=True,
                                 bucket_cap_mb=args.bucket_cap_mb)  # fmt: skip
         distributed.broadcast_params(params)
     else:

@@ -95,6 +95,8 @@ def init(device: torch.device) -> World:
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(minutes=_env_int("ERI_DIST_TIMEOUT_MIN", DEFAULT_TIMEOUT_MIN))
     if device.type == "cuda":
+        if device.index is None:  # one process under torchrun: "cuda" is the current device
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
         dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout, device_id=device)
     else:
@@ -193,7 +195,7 @@ def wrap_ddp(module: nn.Module, w: World, find_unused: bool = False) -> nn.Modul
 
     - `init_sync=False` + `broadcast_params`: DDP would otherwise broadcast the whole state
       dict (5 GB of frozen SDXL weights) at construction; only the LoRA needs it.
-    - `forward_sync_buffers=False`: the UNet has no buffers that training changes.
+    - `broadcast_buffers=False`: the UNet has no buffers that training changes.
     - `gradient_as_bucket_view=True`: grads live in the all-reduce buckets, no copy.
     - `find_unused`: text encoders, whose last layer's LoRA gets no gradient when the
       penultimate layer is the context (SDXL TE1).
@@ -203,7 +205,7 @@ def wrap_ddp(module: nn.Module, w: World, find_unused: bool = False) -> nn.Modul
     trainable = [p for p in module.parameters() if p.requires_grad]
     broadcast_params(trainable)
     device_ids = [w.device.index] if w.device.type == "cuda" else None
-    return DDP(module, device_ids=device_ids, forward_sync_buffers=False, init_sync=False,
+    return DDP(module, device_ids=device_ids, broadcast_buffers=False, init_sync=False,
                gradient_as_bucket_view=True, find_unused_parameters=find_unused)  # fmt: skip
 
 

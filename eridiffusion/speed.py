@@ -280,9 +280,9 @@ def training_step(body, params: list[torch.Tensor], optimizer: torch.optim.Optim
 # ---------------------------------------------------------------- the VAE (inference)
 VAE_PARTS = ("encoder", "decoder")
 # Latent caching compiles the encoder (train.compile, CUDA) only for at least this many images:
-# compiling its two graphs (the first bucket's, then a shape-generic one) costs about a minute
-# (estimate; bench/vae_sample.py reports it as first_call_s), and at batch 1 it saves a few tens of
-# ms an image next to a similar time loading it, so a smaller dataset is cached sooner eagerly.
+# one compile took 19-21 s on an H100 (bench/results/vae_h100.json, first_call_s) and there are
+# two (the first bucket's, then a shape-generic one); at batch 1 it saves 29 ms an image (50 → 21
+# ms), next to a similar time loading the image, so a smaller dataset is cached sooner eagerly.
 VAE_COMPILE_MIN_IMAGES = 2000
 
 
