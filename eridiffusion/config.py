@@ -90,6 +90,7 @@ class TrainSection:
     gradient_checkpointing: bool = False
     compile: bool = False  # regional torch.compile of the UNet blocks (eridiffusion/speed.py)
     cuda_graph: bool = False  # replay forward + backward from CUDA graphs (one per bucket shape)
+    memory_budget: float = 1.0  # with compile: share of activations the compiled regions keep (< 1 recomputes)
     max_grad_norm: float = 1.0  # 0 = no clipping
     prediction: Literal["auto", "epsilon", "v_prediction"] = "auto"
     noise_offset: float = 0.0
@@ -258,6 +259,9 @@ class TrainConfig:
             ("train.epochs", t.epochs >= 0, ">= 0"),
             ("train.max_steps", t.max_steps > 0 or t.epochs > 0, "> 0, or set train.epochs > 0"),
             ("train.max_grad_norm", t.max_grad_norm >= 0, ">= 0 (0 = no clipping)"),
+            ("train.memory_budget", 0.0 < t.memory_budget <= 1.0, "in (0, 1] (1 = keep every activation)"),
+            ("train.memory_budget", t.memory_budget == 1.0 or t.compile,
+             "1 without train.compile (the budget applies to compiled regions): set train.compile=true"),
             ("train.noise_offset", t.noise_offset >= 0, ">= 0"),
             ("train.min_snr_gamma", t.min_snr_gamma >= 0, ">= 0 (0 = off)"),
             ("train.device", re.fullmatch(r"auto|cpu|(cuda|mps)(:\d+)?", t.device) is not None,

@@ -754,56 +754,57 @@ def train(
     guard = faults.NonFiniteGuard(t_cfg.max_nonfinite)
     stop = faults.StopSignals(log).install()  # SIGINT / SIGTERM: finish this step, save, exit 130 / 143
     try:
-        while step < total:
-            if w.distributed:  # all ranks stop at the same step
-                stop.signum = distributed.agree_max(stop.signum, device)
-            if stop.signum:
-                break
-            lr_scale = lr_factor(step, total, o_cfg.warmup_steps, o_cfg.schedule)
-            for g in optimizer.param_groups:
-                g["lr"] = g["base_lr"] * lr_scale
-            step_loss = torch.zeros((), device=device)
-            for micro in range(t_cfg.grad_accum):
-                # DDP all-reduces once per step: the micro-steps before the last run their forwards
-                # (the trained text encoders' in next_batch too) and backward in no_sync
-                with distributed.no_sync(synced, skip=micro < t_cfg.grad_accum - 1):
-                    x0, cond, time_ids, rows, n, scale = next_batch()
-                    # drawn for the global batch and sliced: N processes = one with the N× batch
-                    t = diffusion.sample_timesteps(n, generator=noise_gen, device=device)[rows]
-                    noise = torch.randn((n, *x0.shape[1:]), generator=noise_gen, device=device)
-                    noise = diffusion.offset_noise(noise, t_cfg.noise_offset, noise_gen)[rows]
-                    cond_keys[:] = sorted(cond)
-                    args = (x0, time_ids, t, noise, *(cond[k] for k in cond_keys))
-                    loss = graphed(*args) if graphed is not None else micro_step(*args, scale=scale)
-                step_loss += loss / t_cfg.grad_accum
-            if fsdp:
-                distributed.all_reduce_grads(params)
-            if w.distributed:  # the logged loss is the global batch's
-                step_loss = distributed.all_reduce_sum_(step_loss) / w.size
-            norm = torch.nn.utils.clip_grad_norm_(params, t_cfg.max_grad_norm) if t_cfg.max_grad_norm > 0 else None
-            if guard.enabled and not guard.observe(faults.all_finite(step_loss, norm)):  # skip: no update
-                clear_grads()
-                norm_value = None if norm is None else float(norm)
-                log(f"step {step + 1}: loss {float(step_loss)}, gradient norm {norm_value}: step skipped "
-                    f"({guard.in_row} in a row, {guard.skipped} in all)")  # fmt: skip
-                if guard.exhausted:
-                    interrupted, fault = True, guard.error(step, out / "state")
+        with speed.activation_budget(t_cfg.memory_budget):  # read when the regions compile
+            while step < total:
+                if w.distributed:  # all ranks stop at the same step
+                    stop.signum = distributed.agree_max(stop.signum, device)
+                if stop.signum:
                     break
-                continue
-            optimizer.step()
-            clear_grads()
-            step += 1
-            pending.append((step, step_loss, optimizer.param_groups[0]["lr"], time.perf_counter() - t_start))
-            bar.update(1)
-            if step % cfg.log.every == 0 or step == total:
-                flush()
-            if cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0 and step < total:
-                lora_path, saved_at = save(final=False), step
-            if validation is not None and (step % cfg.sample.every_n_steps == 0 or step == total):
-                validation(step, writer)
-            if stop_after is not None and step >= stop_after and step < total:
-                interrupted = True
-                break
+                lr_scale = lr_factor(step, total, o_cfg.warmup_steps, o_cfg.schedule)
+                for g in optimizer.param_groups:
+                    g["lr"] = g["base_lr"] * lr_scale
+                step_loss = torch.zeros((), device=device)
+                for micro in range(t_cfg.grad_accum):
+                    # DDP all-reduces once per step: the micro-steps before the last run their forwards
+                    # (the trained text encoders' in next_batch too) and backward in no_sync
+                    with distributed.no_sync(synced, skip=micro < t_cfg.grad_accum - 1):
+                        x0, cond, time_ids, rows, n, scale = next_batch()
+                        # drawn for the global batch and sliced: N processes = one with the N× batch
+                        t = diffusion.sample_timesteps(n, generator=noise_gen, device=device)[rows]
+                        noise = torch.randn((n, *x0.shape[1:]), generator=noise_gen, device=device)
+                        noise = diffusion.offset_noise(noise, t_cfg.noise_offset, noise_gen)[rows]
+                        cond_keys[:] = sorted(cond)
+                        args = (x0, time_ids, t, noise, *(cond[k] for k in cond_keys))
+                        loss = graphed(*args) if graphed is not None else micro_step(*args, scale=scale)
+                    step_loss += loss / t_cfg.grad_accum
+                if fsdp:
+                    distributed.all_reduce_grads(params)
+                if w.distributed:  # the logged loss is the global batch's
+                    step_loss = distributed.all_reduce_sum_(step_loss) / w.size
+                norm = torch.nn.utils.clip_grad_norm_(params, t_cfg.max_grad_norm) if t_cfg.max_grad_norm > 0 else None
+                if guard.enabled and not guard.observe(faults.all_finite(step_loss, norm)):  # skip: no update
+                    clear_grads()
+                    norm_value = None if norm is None else float(norm)
+                    log(f"step {step + 1}: loss {float(step_loss)}, gradient norm {norm_value}: step skipped "
+                        f"({guard.in_row} in a row, {guard.skipped} in all)")  # fmt: skip
+                    if guard.exhausted:
+                        interrupted, fault = True, guard.error(step, out / "state")
+                        break
+                    continue
+                optimizer.step()
+                clear_grads()
+                step += 1
+                pending.append((step, step_loss, optimizer.param_groups[0]["lr"], time.perf_counter() - t_start))
+                bar.update(1)
+                if step % cfg.log.every == 0 or step == total:
+                    flush()
+                if cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0 and step < total:
+                    lora_path, saved_at = save(final=False), step
+                if validation is not None and (step % cfg.sample.every_n_steps == 0 or step == total):
+                    validation(step, writer)
+                if stop_after is not None and step >= stop_after and step < total:
+                    interrupted = True
+                    break
     except KeyboardInterrupt:
         interrupted = True
         stop.keyboard_interrupt()

@@ -6,6 +6,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from eridiffusion import speed
+from eridiffusion.config import ConfigError
 from eridiffusion.models.unet import BasicTransformerBlock, ResBlock, UNet, UNetConfig
 from eridiffusion.models.vae import AutoencoderKL, VAEConfig
 from eridiffusion.tiny import demo_config, prepare
@@ -42,6 +43,22 @@ def test_train_compile_option_compiles_and_gives_the_same_losses(tmp_path, monke
     compiled = train(cfg.replace(train={"compile": True}), progress=False, log=lambda s: None)
     assert len(calls) == 1
     assert compiled.losses == plain.losses
+
+    # train.memory_budget is in force while the steps run (when the regions compile), not after
+    seen, forward = [], UNet.forward
+
+    def recording_forward(self, *args, **kwargs):
+        seen.append(torch._functorch.config.activation_memory_budget)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet, "forward", recording_forward)
+    budgeted = train(cfg.replace(train={"compile": True, "memory_budget": 0.5}), progress=False, log=lambda s: None)
+    assert seen == [0.5] * 3 and torch._functorch.config.activation_memory_budget == 1.0
+    assert budgeted.losses == plain.losses  # the eager backend does not partition: same numbers
+    with pytest.raises(ConfigError, match=r"train.memory_budget = 0.5 is invalid: must be 1 without train.compile"):
+        cfg.replace(train={"memory_budget": 0.5}).validate()
+    with pytest.raises(ConfigError, match=r"train.memory_budget = 0.0 is invalid: must be in \(0, 1\]"):
+        cfg.replace(train={"compile": True, "memory_budget": 0}).validate()
 
 
 def test_fused_qkv_gives_the_same_output_and_gradients_with_and_without_lora():
