@@ -695,7 +695,7 @@ def train(
         (loss / t_cfg.grad_accum).backward()
         return loss.detach()
 
-    cond_keys: list[str] = []
+    cond_keys = ("context", "pooled") if c.family.te2 is not None else ("context",)  # TextConditioner's
     # the graphs keep the .grad tensors they write into: clear them, never drop them
     graphed = speed.GraphedBackward(micro_step, params) if t_cfg.cuda_graph else None
     clear_grads = functools.partial(optimizer.zero_grad, set_to_none=graphed is None)
@@ -773,7 +773,6 @@ def train(
                         t = diffusion.sample_timesteps(n, generator=noise_gen, device=device)[rows]
                         noise = torch.randn((n, *x0.shape[1:]), generator=noise_gen, device=device)
                         noise = diffusion.offset_noise(noise, t_cfg.noise_offset, noise_gen)[rows]
-                        cond_keys[:] = sorted(cond)
                         args = (x0, time_ids, t, noise, *(cond[k] for k in cond_keys))
                         loss = graphed(*args) if graphed is not None else micro_step(*args, scale=scale)
                     step_loss += loss / t_cfg.grad_accum
