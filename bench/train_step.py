@@ -134,23 +134,19 @@ def build_ours(case: Case):
     params = net.lora_parameters()
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=case.graph)
 
-    def body(x, t, ctx, pooled, time_ids, target):
+    def fwd_bwd(x, t, ctx, pooled, time_ids, target):
         with attention_priority(case.attn):
             y = sdxl_vector(pooled, time_ids).to(x.dtype)
-            pred = forward(x, t, ctx, y)
-            loss = F.mse_loss(pred.float(), target.float())
+            loss = F.mse_loss(forward(x, t, ctx, y).float(), target.float())
             loss.backward()
+        return loss.detach()
+
+    def body(*tensors):
+        loss = fwd_bwd(*tensors)
         opt.step()
         return loss
 
     if case.graph_backward:  # as eri train with train.cuda_graph: the optimizer runs eagerly
-        def fwd_bwd(x, t, ctx, pooled, time_ids, target):
-            with attention_priority(case.attn):
-                y = sdxl_vector(pooled, time_ids).to(x.dtype)
-                loss = F.mse_loss(forward(x, t, ctx, y).float(), target.float())
-                loss.backward()
-            return loss.detach()
-
         graphed = GraphedBackward(fwd_bwd, params)
 
         def step(*tensors):

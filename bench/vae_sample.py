@@ -363,6 +363,18 @@ def sdpa_with(backend, q, k, v) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- diffusers
+def peer_model(cls, convert, prefix: str, state: dict, cfg: dict, device, dtype):
+    """A diffusers model loaded (strict) from our weights through diffusers' own ldm converter."""
+    converted = convert({prefix + k: v for k, v in state.items()}, cfg)
+    with torch.device(device):
+        model = cls(**cfg).to(dtype)
+    model.load_state_dict(converted, strict=True)
+    model.eval().requires_grad_(False)
+    del converted
+    free(device)
+    return model
+
+
 def run_peer(family, device, dtype, inp: Inputs, s: Settings, rows: list[dict], weights: dict, ours: dict,
              sampling: bool = True) -> None:  # fmt: skip
     from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
@@ -370,24 +382,12 @@ def run_peer(family, device, dtype, inp: Inputs, s: Settings, rows: list[dict], 
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     impl = "diffusers"
-    vcfg = diffusers_vae_config(family)
-    vae_sd = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in weights["vae"].items()}, vcfg)
-    with torch.device(device):
-        vae = AutoencoderKL(**vcfg).to(dtype)
-    vae.load_state_dict(vae_sd, strict=True)
-    vae.eval().requires_grad_(False)
-    del vae_sd
-    free(device)
+    vae = peer_model(AutoencoderKL, convert_ldm_vae_checkpoint, "first_stage_model.", weights["vae"],
+                     diffusers_vae_config(family), device, dtype)  # fmt: skip
     if sampling:  # built first, as ours is: the encode rows' peak memory includes it on both sides
         ucfg = DIFFUSERS_TINY_SDXL if family.name == "sdxl-tiny" else DIFFUSERS_SDXL
-        unet_sd = convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v for k, v in weights["unet"].items()},
-                                              ucfg)  # fmt: skip
-        with torch.device(device):
-            unet = UNet2DConditionModel(**ucfg).to(dtype)
-        unet.load_state_dict(unet_sd, strict=True)
-        unet.eval().requires_grad_(False)
-        del unet_sd
-        free(device)
+        unet = peer_model(UNet2DConditionModel, convert_ldm_unet_checkpoint, "model.diffusion_model.", weights["unet"],
+                          ucfg, device, dtype)  # fmt: skip
     enc = bench_encode(impl, lambda x: vae.encode(x).latent_dist.mean, inp, device, dtype, s, rows)
     if not sampling:
         z = decode_latents(inp, ours, family).to(device, dtype)

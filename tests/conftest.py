@@ -15,3 +15,24 @@ def _one_thread():
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+def _tiny_vae(seed: int = 0):
+    """Tiny VAE with default conv init and randomised GroupNorm affines (so a skipped or swapped
+    norm shows)."""
+    from eridiffusion.models.vae import AutoencoderKL, VAEConfig
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(VAEConfig.tiny()).eval()
+    with torch.no_grad():
+        for m in vae.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.copy_(1 + 0.2 * torch.randn_like(m.weight))
+                m.bias.copy_(0.2 * torch.randn_like(m.bias))
+    return vae
+
+
+@pytest.fixture
+def tiny_vae():
+    """The factory `tiny_vae(seed=0) -> AutoencoderKL` (tests/models/test_vae.py, tests/test_speed.py)."""
+    return _tiny_vae

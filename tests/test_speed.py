@@ -8,7 +8,6 @@ from torch._dynamo.utils import counters
 from eridiffusion import speed
 from eridiffusion.config import ConfigError
 from eridiffusion.models.unet import BasicTransformerBlock, ResBlock, UNet, UNetConfig
-from eridiffusion.models.vae import AutoencoderKL, VAEConfig
 from eridiffusion.tiny import demo_config, prepare
 from eridiffusion.train import train
 
@@ -96,20 +95,8 @@ def test_fused_qkv_gives_the_same_output_and_gradients_with_and_without_lora():
         torch.testing.assert_close(ours, want, rtol=0, atol=1e-5)
 
 
-def tiny_vae():
-    """Tiny VAE with randomised GroupNorm affines (so a skipped or swapped norm shows)."""
-    torch.manual_seed(0)
-    vae = AutoencoderKL(VAEConfig.tiny()).eval()
-    with torch.no_grad():
-        for m in vae.modules():
-            if isinstance(m, torch.nn.GroupNorm):
-                m.weight.copy_(1 + 0.2 * torch.randn_like(m.weight))
-                m.bias.copy_(0.2 * torch.randn_like(m.bias))
-    return vae
-
-
 @torch.no_grad()
-def test_optimize_vae_keeps_names_and_values_and_compiles_each_stack_whole():
+def test_optimize_vae_keeps_names_and_values_and_compiles_each_stack_whole(tiny_vae):
     vae, plain = tiny_vae(), tiny_vae()
     state = {k: v.clone() for k, v in vae.state_dict().items()}
     x, z = torch.rand(2, 3, 64, 48) * 2 - 1, torch.randn(2, 4, 8, 6)
@@ -128,7 +115,7 @@ def test_optimize_vae_keeps_names_and_values_and_compiles_each_stack_whole():
 
 
 @torch.no_grad()
-def test_optimize_vae_channels_last_same_outputs_and_one_graph_for_all_buckets():
+def test_optimize_vae_channels_last_same_outputs_and_one_graph_for_all_buckets(tiny_vae):
     """Channels-last weights change only the conv kernels' rounding: the compiled VAE (dynamo + AOT
     autograd, eager kernels) equals an eager VAE with the same layout exactly and the plain one to fp32
     rounding; a second image shape compiles a shape-generic graph that a third reuses."""
@@ -158,7 +145,7 @@ def test_optimize_vae_channels_last_same_outputs_and_one_graph_for_all_buckets()
                                same_layout.encode(x).mean, rtol=0, atol=0)  # fmt: skip
 
 
-def test_optimize_vae_rejects_unknown_parts():
+def test_optimize_vae_rejects_unknown_parts(tiny_vae):
     with pytest.raises(ValueError, match=r"parts \['unet'\] unknown"):
         speed.optimize_vae(tiny_vae(), parts=("encoder", "unet"), backend="eager")
 

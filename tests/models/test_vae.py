@@ -12,18 +12,6 @@ from eridiffusion.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig, 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "keys_vae.json"
 
 
-def tiny_vae(seed: int = 0) -> AutoencoderKL:
-    """Tiny VAE with default conv init and randomised GroupNorm affines (so a swapped norm shows)."""
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(VAEConfig.tiny()).eval()
-    with torch.no_grad():
-        for m in vae.modules():
-            if isinstance(m, torch.nn.GroupNorm):
-                m.weight.copy_(1 + 0.2 * torch.randn_like(m.weight))
-                m.bias.copy_(0.2 * torch.randn_like(m.bias))
-    return vae
-
-
 def diffusers_twin(vae: AutoencoderKL):
     """diffusers AutoencoderKL loaded (strict) from our state dict via diffusers' own ldm converter."""
     from diffusers import AutoencoderKL as DAutoencoderKL
@@ -46,7 +34,7 @@ def diffusers_twin(vae: AutoencoderKL):
 
 
 @torch.no_grad()
-def test_parity_with_diffusers_via_ldm_converter():
+def test_parity_with_diffusers_via_ldm_converter(tiny_vae):
     vae = tiny_vae()
     ref = diffusers_twin(vae)
     x = torch.rand(2, 3, 64, 48) * 2 - 1  # non-square: catches H/W mix-ups and the asymmetric pad
@@ -100,7 +88,7 @@ def diffusers_tiled(vae: AutoencoderKL, tile: int):
 
 
 @torch.no_grad()
-def test_tiled_decode_close_to_plain_and_right_shape():
+def test_tiled_decode_close_to_plain_and_right_shape(tiny_vae):
     """Tiling is not exact: each tile normalises with its own GroupNorm statistics, the mid attention
     sees one tile only and convs zero-pad at tile borders. On this random tiny model (32 channels, so
     GroupNorm is per channel, and a receptive field of ~20 latent pixels) that costs a lot more than on
@@ -122,7 +110,7 @@ def test_tiled_decode_close_to_plain_and_right_shape():
 
 
 @torch.no_grad()
-def test_tiled_encode_close_to_plain():
+def test_tiled_encode_close_to_plain(tiny_vae):
     vae = tiny_vae()
     x = torch.rand(1, 3, 128, 192) * 2 - 1
     plain = vae.encode(x)
@@ -137,7 +125,7 @@ def test_tiled_encode_close_to_plain():
 
 
 @torch.no_grad()
-def test_batch_slicing_equals_batched():
+def test_batch_slicing_equals_batched(tiny_vae):
     vae = tiny_vae()
     x = torch.rand(3, 3, 64, 48) * 2 - 1
     plain = vae.encode(x)
@@ -150,7 +138,7 @@ def test_batch_slicing_equals_batched():
 
 
 @torch.no_grad()
-def test_bf16_runs_close_to_fp32():
+def test_bf16_runs_close_to_fp32(tiny_vae):
     """bf16 keeps fp32's exponent range (fp16 overflows in the SDXL VAE); its rounding error here is
     compared with diffusers' AutoencoderKL run in bf16 on the same weights."""
     vae = tiny_vae()
