@@ -44,6 +44,8 @@ class Case:
     graph_backward: bool = False  # graph forward+backward only, AdamW eager: what `eri train` does (GraphedBackward)
     memory_budget: float | None = None  # torch._functorch activation_memory_budget for the compiled regions
     fused_qkv: bool = False  # self-attention q, k, v (and their LoRA) as one GEMM (eridiffusion.speed.fuse_qkv)
+    inductor: tuple = ()  # (name, value) pairs of torch._inductor.config in force while the regions compile
+    cudnn_benchmark: bool = True  # cuDNN autotuning (its trial workspaces count in the first step's peak)
 
 
 CASES = [  # ours as `eri train` runs it (fused q/k/v); the peer runs the eager and checkpointing rows
@@ -82,6 +84,14 @@ VARIANTS = [
     Case("b1_graph_fused", 1, graph=True, fused_qkv=True),
     Case("b4_graph_blocks_fused", 4, compile=True, graph=True, fused_qkv=True),
     Case("b4_eager_fused", 4, fused_qkv=True),
+    Case("b8_ckpt_graph_fused", 8, compile=True, checkpointing=True, graph=True, fused_qkv=True),
+    Case("b8_ckpt_eager_fused", 8, checkpointing=True, fused_qkv=True),
+    Case("b4_graph_fused_cdt", 4, compile=True, graph=True, fused_qkv=True,
+         inductor=(("coordinate_descent_tuning", True),)),
+    Case("b8_ckpt_graph_fused_nobench", 8, compile=True, checkpointing=True, graph=True, fused_qkv=True,
+         cudnn_benchmark=False),
+    Case("b8_ckpt_graph_fused_cdt", 8, compile=True, checkpointing=True, graph=True, fused_qkv=True,
+         inductor=(("coordinate_descent_tuning", True),)),
 ]
 PEER_CASES = {"b1_eager", "b4_eager", "b4_compile", "b8_eager", "b8_checkpointing"}
 # torch.compile of the whole diffusers UNet took 293 s to its first step on an H100: --peer-compile adds it.
@@ -225,7 +235,10 @@ def count_flops(step) -> float:
     return float(counter.get_total_flops())
 
 
-def time_step(step, batch: int, warmup: int, iters: int, channels_last: bool = False) -> dict:
+def time_step(step, batch: int, warmup: int, iters: int, channels_last: bool = False, graphed: bool = False) -> dict:
+    """Median step time; `peak_gib` over everything from the first step on (compilation, cuDNN
+    autotuning and graph capture included); `steady_peak_gib` over the timed steps alone, not
+    for graphed steps (a replay allocates nothing: its memory was taken at capture)."""
     args = inputs(batch, channels_last=channels_last)
     torch.cuda.reset_peak_memory_stats()  # the peak includes compile / graph capture: the real working set
     t0 = time.perf_counter()
@@ -235,6 +248,8 @@ def time_step(step, batch: int, warmup: int, iters: int, channels_last: bool = F
     for _ in range(warmup):
         step(*args)
     torch.cuda.synchronize()
+    first_peak = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()  # from here on: the steady step's working set
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(iters):
@@ -248,7 +263,8 @@ def time_step(step, batch: int, warmup: int, iters: int, channels_last: bool = F
     return {
         "s_per_step": med,
         "img_per_s": batch / med,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_gib": max(first_peak, torch.cuda.max_memory_allocated()) / 2**30,
+        "steady_peak_gib": None if graphed else torch.cuda.max_memory_allocated() / 2**30,
         "first_step_s": first,
         "spread": (times[-1] - times[0]) / med,
     }
@@ -307,16 +323,22 @@ def profile_case(case: Case, path: str) -> dict:
 
 def run_case(impl: str, case: Case, flops_per_image: float, peak: float, warmup: int, iters: int) -> dict:
     build = build_ours if impl == "eridiffusion" else build_peer
-    budget = contextlib.nullcontext()
-    if case.memory_budget is not None:  # read when the regions compile, in the first step
-        budget = torch._functorch.config.patch(activation_memory_budget=case.memory_budget)
+    budget = contextlib.ExitStack()  # settings read when the regions compile, in the first step
+    if case.memory_budget is not None:
+        budget.enter_context(torch._functorch.config.patch(activation_memory_budget=case.memory_budget))
+    if case.inductor:
+        budget.enter_context(torch._inductor.config.patch(dict(case.inductor)))
     row = {"impl": impl, "config": case.name, "batch": case.batch, "compile": case.compile,
            "checkpointing": case.checkpointing, "scope": case.scope, "channels_last": case.channels_last,
            "attn": case.attn, "mode": case.mode, "graph": case.graph, "graph_backward": case.graph_backward,
-           "memory_budget": case.memory_budget, "fused_qkv": case.fused_qkv and impl == "eridiffusion"}
+           "memory_budget": case.memory_budget, "fused_qkv": case.fused_qkv and impl == "eridiffusion",
+           "inductor": dict(case.inductor), "cudnn_benchmark": case.cudnn_benchmark}
     with budget:
         step, _, model, _ = build(case)
-        row.update(time_step(step, case.batch, warmup, iters, case.channels_last and impl == "eridiffusion"))
+        torch.backends.cudnn.benchmark = case.cudnn_benchmark  # after build: optimize_for_training sets it
+        row.update(time_step(step, case.batch, warmup, iters, case.channels_last and impl == "eridiffusion",
+                             graphed=case.graph or case.graph_backward))
+    torch.backends.cudnn.benchmark = True
     row["mfu"] = flops_per_image * row["img_per_s"] / (peak * 1e12)
     del step, model
     gc.collect()
@@ -396,11 +418,12 @@ def main(argv=None) -> int:
         p = by.get(("diffusers+peft", r["config"]))
         if r["impl"] == "eridiffusion" and p and "img_per_s" in p and "img_per_s" in r:
             r["ratio_to_peer"] = r["img_per_s"] / p["img_per_s"]
-    print(f"{'impl':16} {'config':18} {'img/s':>7} {'s/step':>7} {'GiB':>6} {'MFU':>6} {'x peer':>6}")
+    print(f"{'impl':16} {'config':24} {'img/s':>7} {'s/step':>7} {'GiB':>6} {'steady':>6} {'MFU':>6} {'x peer':>6}")
     for r in rows:
         if "img_per_s" in r:
-            print(f"{r['impl']:16} {r['config']:18} {r['img_per_s']:7.2f} {r['s_per_step']:7.3f} "
-                  f"{r['peak_gib']:6.1f} {100 * r['mfu']:5.1f}% {r.get('ratio_to_peer', float('nan')):6.2f}")
+            print(f"{r['impl']:16} {r['config']:24} {r['img_per_s']:7.2f} {r['s_per_step']:7.3f} "
+                  f"{r['peak_gib']:6.1f} {r['steady_peak_gib'] or float('nan'):6.1f} {100 * r['mfu']:5.1f}% "
+                  f"{r.get('ratio_to_peer', float('nan')):6.2f}")
         else:
             print(f"{r['impl']:16} {r['config']:18} {r.get('error')}")
     if args.out:

@@ -6,6 +6,8 @@
 - `project`: several projections of one input (self-attention q, k, v) as one GEMM over the
   concatenated weights; LoRA updates ride along as one rank-Σr down projection and a
   block-diagonal up projection. Layers say what they hold through `linear_parts(dtype)`.
+- `geglu` and `Conv2d`: the same maths as autograd's, keeping fewer tensors for backward
+  (eager training; compiled regions use the plain ops and let the partitioner choose).
 """
 from __future__ import annotations
 
@@ -87,3 +89,59 @@ def project(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
         up = torch.block_diag(*[p[3] if p[3] is not None else p[0].new_zeros(p[0].shape[0], 0) for p in parts])
     out = lora_linear(x, weights, bias, down, up)  # up: (Σ out, Σ r), block-diagonal
     return list(out.split(sizes, dim=-1))
+
+
+class _GEGLU(torch.autograd.Function):
+    """Saves y alone; gelu(gate) is recomputed in backward. The gradients are autograd's
+    (`gelu_backward` of grad · x, and grad · gelu(gate)), bit for bit."""
+
+    @staticmethod
+    def forward(ctx, y):
+        x, gate = y.chunk(2, dim=-1)
+        ctx.save_for_backward(y)
+        return x * F.gelu(gate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        x, gate = y.chunk(2, dim=-1)
+        return torch.cat([grad * F.gelu(gate), torch.ops.aten.gelu_backward(grad * x, gate)], dim=-1)
+
+
+def geglu(y: torch.Tensor) -> torch.Tensor:
+    """y = [x, gate] (…, 2n) → x · gelu(gate) (…, n). Autograd would keep gelu(gate) beside y
+    (n more values per token: 3.1 GiB at SDXL batch 4, 1024²); this keeps y alone."""
+    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and y.requires_grad):
+        x, gate = y.chunk(2, dim=-1)
+        return x * F.gelu(gate)
+    return _GEGLU.apply(y)
+
+
+class _FrozenConv2d(torch.autograd.Function):
+    """Convolution by a frozen weight: backward needs the weight alone for the input gradient,
+    so the input is not kept (autograd's convolution keeps it whether or not it is needed)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(weight)
+        ctx.conf = (x.shape, stride, padding, dilation, groups)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        shape, stride, padding, dilation, groups = ctx.conf
+        grad_x = torch.nn.grad.conv2d_input(shape, weight, grad, stride, padding, dilation, groups)
+        return grad_x, None, None, None, None, None, None
+
+
+class Conv2d(nn.Conv2d):
+    """`nn.Conv2d` (same parameters and names) that keeps no input for backward while its
+    weight and bias are frozen, as in LoRA training; otherwise exactly `nn.Conv2d`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        trainable = self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        if (trainable or self.padding_mode != "zeros" or torch.compiler.is_compiling()
+                or not (torch.is_grad_enabled() and x.requires_grad)):
+            return super().forward(x)
+        return _FrozenConv2d.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)

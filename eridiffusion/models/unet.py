@@ -95,20 +95,30 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int):
         super().__init__()
         self.in_layers = nn.Sequential(
-            nn.GroupNorm(GROUPS, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            nn.GroupNorm(GROUPS, channels), nn.SiLU(), ops.Conv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
             nn.GroupNorm(GROUPS, out_channels),
             nn.SiLU(),
             nn.Dropout(0.0),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            ops.Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.skip_connection = (
-            nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+            nn.Identity() if out_channels == channels else ops.Conv2d(channels, out_channels, 1)
         )
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, skip: torch.Tensor | None = None,
+                ckpt: bool = False) -> torch.Tensor:
+        """`skip`: the encoder feature an output block concatenates to `x` (inside the block, so
+        checkpointing keeps x and skip, not their concatenation). `ckpt`: recompute in backward."""
+        if ckpt:
+            return checkpoint(self._forward, x, emb, skip, use_reentrant=False)
+        return self._forward(x, emb, skip)
+
+    def _forward(self, x: torch.Tensor, emb: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)  # (B, C + C_skip, H, W)
         h = self.in_layers(x)
         h = h + self.emb_layers(emb)[:, :, None, None]  # (B, C, 1, 1) broadcast over H, W
         return self.skip_connection(x) + self.out_layers(h)
@@ -153,8 +163,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, 2 * dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        return ops.geglu(self.proj(x))
 
 
 class FeedForward(nn.Module):
@@ -178,7 +187,13 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, ckpt: bool = False) -> torch.Tensor:
+        """`ckpt`: keep only this block's inputs and recompute the rest in backward."""
+        if ckpt:
+            return checkpoint(self._forward, x, context, use_reentrant=False)
+        return self._forward(x, context)
+
+    def _forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
@@ -191,11 +206,11 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         self.use_linear = use_linear
         self.norm = nn.GroupNorm(GROUPS, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, channels) if use_linear else nn.Conv2d(channels, channels, 1)
+        self.proj_in = nn.Linear(channels, channels) if use_linear else ops.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, context_dim, heads) for _ in range(depth)
         )
-        self.proj_out = nn.Linear(channels, channels) if use_linear else nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Linear(channels, channels) if use_linear else ops.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, ckpt: bool = False) -> torch.Tensor:
         """`ckpt`: recompute each transformer block in backward, one at a time (the peak holds one
@@ -209,7 +224,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
-            x = checkpoint(block, x, context, use_reentrant=False) if ckpt else block(x, context)
+            x = block(x, context, ckpt)
         if self.use_linear:
             x = self.proj_out(x)
         x = x.transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
@@ -221,7 +236,7 @@ class SpatialTransformer(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = ops.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -230,20 +245,22 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = ops.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    """One `input_blocks.i` / `middle_block` / `output_blocks.i`: routes emb and context to the
-    layers that take them, and checkpoints each ResBlock and transformer block when asked."""
+    """One `input_blocks.i` / `middle_block` / `output_blocks.i`: routes emb, context and an
+    output block's skip feature to the layers that take them; `ckpt` checkpoints each ResBlock
+    and transformer block."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, ckpt: bool = False):
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, ckpt: bool = False,
+                skip: torch.Tensor | None = None):
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = checkpoint(layer, x, emb, use_reentrant=False) if ckpt else layer(x, emb)
+                x, skip = layer(x, emb, skip, ckpt), None
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context, ckpt)
             else:
@@ -255,7 +272,8 @@ class UNet(nn.Module):
     """sgm `UNetModel`: `forward(x, timesteps, context, y=None)` -> noise prediction, shape of x.
 
     Runs in the dtype of its weights (inputs are cast; the sinusoid is computed in fp32). Set
-    `gradient_checkpointing = True` to recompute each ResBlock / BasicTransformerBlock in backward.
+    `gradient_checkpointing = True` to recompute each ResBlock / BasicTransformerBlock (and the
+    output layers) in backward.
     Unlike sgm, no layer is zero-initialised: weights always come from a checkpoint, and random
     tiny models should give non-trivial outputs.
     """
@@ -274,7 +292,7 @@ class UNet(nn.Module):
         def transformer(ch: int, level: int, depth: int) -> SpatialTransformer:
             return SpatialTransformer(ch, cfg.num_heads[level], depth, cfg.context_dim, cfg.use_linear)
 
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(ops.Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_channels = [mc]
         ch = mc
         n_levels = len(cfg.channel_mult)
@@ -307,7 +325,7 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(nn.GroupNorm(GROUPS, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(GROUPS, ch), nn.SiLU(), ops.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None
@@ -331,5 +349,5 @@ class UNet(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context, ckpt)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, ckpt)  # (B, C + C_skip, H, W)
-        return self.out(h)
+            h = block(h, emb, context, ckpt, skip=skips.pop())
+        return checkpoint(self.out, h, use_reentrant=False) if ckpt else self.out(h)

@@ -1,0 +1,73 @@
+"""ops.geglu and ops.Conv2d: autograd's numbers, fewer tensors kept for backward."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from eridiffusion import ops
+
+
+def kept_bytes(fn, *args) -> tuple[torch.Tensor, int]:
+    """Run fn(*args); return its output and the bytes autograd keeps for backward."""
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return out, sum(kept.values())
+
+
+def plain_geglu(y):
+    x, gate = y.chunk(2, dim=-1)
+    return x * F.gelu(gate)
+
+
+def test_geglu_gives_autograds_gradient_bit_for_bit_and_keeps_y_alone():
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(0)
+        y = torch.randn(3, 5, 16, generator=g).to(dtype)
+        grad = torch.randn(3, 5, 8, generator=g).to(dtype)
+        y1, y2 = y.clone().requires_grad_(), y.clone().requires_grad_()
+        out1, kept1 = kept_bytes(ops.geglu, y1)
+        out2, kept2 = kept_bytes(plain_geglu, y2)
+        out1.backward(grad)
+        out2.backward(grad)
+        assert torch.equal(out1, out2) and torch.equal(y1.grad, y2.grad)
+        assert kept1 == y.numel() * y.element_size()  # y alone
+        assert kept2 == kept1 * 3 // 2  # autograd also keeps gelu(gate)
+    with torch.no_grad():  # no autograd: the plain formula
+        assert torch.equal(ops.geglu(y), plain_geglu(y))
+
+
+def test_conv2d_with_a_frozen_weight_keeps_no_input_and_gives_the_input_gradient():
+    torch.manual_seed(0)
+    conv = ops.Conv2d(6, 4, 3, stride=2, padding=1)
+    ref = torch.nn.Conv2d(6, 4, 3, stride=2, padding=1)
+    ref.load_state_dict(conv.state_dict())
+    assert list(conv.state_dict()) == ["weight", "bias"]
+    conv.requires_grad_(False)
+    ref.requires_grad_(False)
+    x = torch.randn(2, 6, 9, 7)
+    grad = torch.randn(2, 4, 5, 4)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out1, kept1 = kept_bytes(conv, x1)
+    out2, kept2 = kept_bytes(ref, x2)
+    out1.backward(grad)
+    out2.backward(grad)
+    assert torch.equal(out1, out2)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-6, atol=1e-6)
+    weight = conv.weight.numel() * 4
+    assert kept1 == weight and kept2 == weight + x.numel() * 4  # autograd's conv keeps x as well
+
+
+def test_conv2d_with_a_trainable_weight_is_plain_conv2d():
+    torch.manual_seed(0)
+    conv = ops.Conv2d(3, 2, 3, padding=1)
+    x = torch.randn(1, 3, 5, 5, requires_grad=True)
+    out = conv(x)
+    assert out.grad_fn.name() == "ConvolutionBackward0"
+    out.sum().backward()
+    assert conv.weight.grad is not None and x.grad is not None
