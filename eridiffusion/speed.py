@@ -62,7 +62,7 @@ def compile_regions(
 def activation_budget(fraction: float = 1.0):
     """Context manager: compiled regions keep about `fraction` of their activations for
     backward and recompute the rest (torch's activation_memory_budget partitioner, read when a
-    region compiles). H100, SDXL batch 4, compile + graph: 0.6 → 19.2 instead of 26.1 GiB and
+    region compiles). H100, SDXL batch 4, compile + graph: 0.6 → 18.3 instead of 25.7 GiB and
     12% slower (docs/benchmarks.md)."""
     if fraction >= 1.0:
         return contextlib.nullcontext()
