@@ -46,6 +46,7 @@ class Case:
     fused_qkv: bool = False  # self-attention q, k, v (and their LoRA) as one GEMM (eridiffusion.speed.fuse_qkv)
     inductor: tuple = ()  # (name, value) pairs of torch._inductor.config in force while the regions compile
     cudnn_benchmark: bool = True  # cuDNN autotuning (its trial workspaces count in the first step's peak)
+    dynamic: bool | None = False  # torch.compile's dynamic: None is what `eri train` uses (shape-generic after a recompile)
 
 
 CASES = [  # ours as `eri train` runs it (fused q/k/v); the peer runs the eager and checkpointing rows
@@ -90,6 +91,8 @@ VARIANTS = [
          inductor=(("coordinate_descent_tuning", True),)),
     Case("b8_ckpt_graph_fused_nobench", 8, compile=True, checkpointing=True, graph=True, fused_qkv=True,
          cudnn_benchmark=False),
+    Case("b4_train_graph_fused", 4, compile=True, graph_backward=True, fused_qkv=True),
+    Case("b4_train_graph_fused_dynamic", 4, compile=True, graph_backward=True, fused_qkv=True, dynamic=None),
     Case("b8_ckpt_graph_fused_cdt", 8, compile=True, checkpointing=True, graph=True, fused_qkv=True,
          inductor=(("coordinate_descent_tuning", True),)),
 ]
@@ -140,7 +143,7 @@ def build_ours(case: Case):
     unet.gradient_checkpointing = case.checkpointing
     unet.train()
     forward = optimize_for_training(unet, compile=case.compile, scope=case.scope, channels_last=case.channels_last,
-                                    mode=case.mode, fused_qkv=case.fused_qkv)
+                                    mode=case.mode, fused_qkv=case.fused_qkv, dynamic=case.dynamic)
     params = net.lora_parameters()
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=case.graph)
 
@@ -332,7 +335,7 @@ def run_case(impl: str, case: Case, flops_per_image: float, peak: float, warmup:
            "checkpointing": case.checkpointing, "scope": case.scope, "channels_last": case.channels_last,
            "attn": case.attn, "mode": case.mode, "graph": case.graph, "graph_backward": case.graph_backward,
            "memory_budget": case.memory_budget, "fused_qkv": case.fused_qkv and impl == "eridiffusion",
-           "inductor": dict(case.inductor), "cudnn_benchmark": case.cudnn_benchmark}
+           "inductor": dict(case.inductor), "cudnn_benchmark": case.cudnn_benchmark, "dynamic": case.dynamic}
     with budget:
         step, _, model, _ = build(case)
         torch.backends.cudnn.benchmark = case.cudnn_benchmark  # after build: optimize_for_training sets it
