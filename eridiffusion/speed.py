@@ -38,8 +38,8 @@ def compile_regions(
     """Compile regions of `unet` in place; returns how many modules were wrapped.
 
     `dynamic=None` lets a second input shape (another aspect bucket) recompile once into a
-    shape-generic graph instead of one graph per bucket (torch stops recompiling after 8 and
-    silently runs the region eagerly); `False` specialises on the one shape of a benchmark."""
+    shape-generic graph instead of one set of graphs per bucket (past the recompile limit torch
+    silently runs a region eagerly); `False` specialises on the one shape of a benchmark."""
     if scope not in SCOPES:
         raise ValueError(f"compile scope {scope!r} unknown; use one of {SCOPES}")
     if scope == "none":

@@ -36,3 +36,27 @@ def _tiny_vae(seed: int = 0):
 def tiny_vae():
     """The factory `tiny_vae(seed=0) -> AutoencoderKL` (tests/models/test_vae.py, tests/test_speed.py)."""
     return _tiny_vae
+
+
+def _kept_bytes(fn, *args, exclude=()) -> tuple:
+    """Run fn(*args); return its output and the bytes autograd keeps for backward, counted once
+    per storage, leaving out the storages of the tensors in `exclude` (weights)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    kept = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            kept[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return out, sum(kept.values())
+
+
+@pytest.fixture
+def kept_bytes():
+    """`kept_bytes(fn, *args, exclude=()) -> (output, bytes kept for backward)` (tests/test_ops.py,
+    tests/test_speed_gpu.py)."""
+    return _kept_bytes

@@ -7,25 +7,12 @@ import torch.nn.functional as F
 from eridiffusion import ops
 
 
-def kept_bytes(fn, *args) -> tuple[torch.Tensor, int]:
-    """Run fn(*args); return its output and the bytes autograd keeps for backward."""
-    kept = {}
-
-    def pack(t):
-        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(*args)
-    return out, sum(kept.values())
-
-
 def plain_geglu(y):
     x, gate = y.chunk(2, dim=-1)
     return x * F.gelu(gate)
 
 
-def test_geglu_gives_autograds_gradient_bit_for_bit_and_keeps_y_alone():
+def test_geglu_gives_autograds_gradient_bit_for_bit_and_keeps_y_alone(kept_bytes):
     for dtype in (torch.float32, torch.bfloat16):
         g = torch.Generator().manual_seed(0)
         y = torch.randn(3, 5, 16, generator=g).to(dtype)
@@ -42,7 +29,7 @@ def test_geglu_gives_autograds_gradient_bit_for_bit_and_keeps_y_alone():
         assert torch.equal(ops.geglu(y), plain_geglu(y))
 
 
-def test_conv2d_with_a_frozen_weight_keeps_no_input_and_gives_the_input_gradient():
+def test_conv2d_with_a_frozen_weight_keeps_no_input_and_gives_the_input_gradient(kept_bytes):
     torch.manual_seed(0)
     conv = ops.Conv2d(6, 4, 3, stride=2, padding=1)
     ref = torch.nn.Conv2d(6, 4, 3, stride=2, padding=1)

@@ -90,7 +90,7 @@ def test_graphed_forward_equals_eager_forward():
         torch.testing.assert_close(graphed(x, t, ctx, y=y), ref, rtol=0, atol=0)
 
 
-def test_checkpointing_a_compiled_block_keeps_only_what_the_eager_checkpoint_keeps():
+def test_checkpointing_a_compiled_block_keeps_only_what_the_eager_checkpoint_keeps(kept_bytes):
     """Inductor must not turn gradient checkpointing into partial saving: the checkpoint stays
     outside the compiled body, so the bytes kept for backward equal the eager checkpoint's."""
     from eridiffusion.speed import compile_regions
@@ -110,17 +110,7 @@ def test_checkpointing_a_compiled_block_keeps_only_what_the_eager_checkpoint_kee
                 torch.randn(2, 77, 96, device="cuda", dtype=torch.bfloat16),
                 torch.randn(2, 256, device="cuda", dtype=torch.bfloat16))
         unet(*args)  # compiles
-        params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
-        kept = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in params:
-                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            unet(*args)
-        return sum(kept.values()) / 2**20
+        return kept_bytes(unet, *args, exclude=list(unet.parameters()))[1] / 2**20
 
     eager, compiled = kept_mib(False), kept_mib(True)
     print(f"kept for backward with checkpointing: eager {eager:.2f} MiB, compiled {compiled:.2f} MiB")

@@ -22,6 +22,11 @@ from eridiffusion import ops
 GROUPS = 32  # GroupNorm groups everywhere in the ldm UNet
 
 
+def _run(fn, *args, ckpt: bool):
+    """fn(*args); with `ckpt`, only the inputs are kept and the rest is recomputed in backward."""
+    return checkpoint(fn, *args, use_reentrant=False) if ckpt else fn(*args)
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """Per-level tuples (one entry per resolution level) make the variants data, not code."""
@@ -112,9 +117,7 @@ class ResBlock(nn.Module):
                 ckpt: bool = False) -> torch.Tensor:
         """`skip`: the encoder feature an output block concatenates to `x` (inside the block, so
         checkpointing keeps x and skip, not their concatenation). `ckpt`: recompute in backward."""
-        if ckpt:
-            return checkpoint(self._forward, x, emb, skip, use_reentrant=False)
-        return self._forward(x, emb, skip)
+        return _run(self._forward, x, emb, skip, ckpt=ckpt)
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
         if skip is not None:
@@ -189,9 +192,7 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, ckpt: bool = False) -> torch.Tensor:
         """`ckpt`: keep only this block's inputs and recompute the rest in backward."""
-        if ckpt:
-            return checkpoint(self._forward, x, context, use_reentrant=False)
-        return self._forward(x, context)
+        return _run(self._forward, x, context, ckpt=ckpt)
 
     def _forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x))
@@ -350,4 +351,4 @@ class UNet(nn.Module):
         h = self.middle_block(h, emb, context, ckpt)
         for block in self.output_blocks:
             h = block(h, emb, context, ckpt, skip=skips.pop())
-        return checkpoint(self.out, h, use_reentrant=False) if ckpt else self.out(h)
+        return _run(self.out, h, ckpt=ckpt)
