@@ -2,8 +2,9 @@
 
 Add a sub-command by writing one function that takes the parsed `argparse.Namespace` and
 returns an exit code, decorated with `@command(name, help, arg(...), ...)`. Errors about
-weight files (`WeightError`) are caught once, in `main`, for every sub-command: the user
-sees one line and exit status 2, never a traceback.
+errors a user can cause (`errors.UserError`) are caught once, in `main`, for every
+sub-command: the user sees one line and the error's exit status (2 bad input, 1 a fault at run
+time), never a traceback; so is a full disk.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from eridiffusion import checkpoint
-from eridiffusion.weights import WeightError, WeightLoader
+from eridiffusion.errors import UserError
+from eridiffusion.faults import DiskFull, is_disk_full
+from eridiffusion.weights import WeightLoader
 
 
 @dataclass(frozen=True)
@@ -65,9 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     args.extra = extra
     try:
         return args.run(args)
-    except WeightError as e:
+    except UserError as e:
         print(f"eri {args.command}: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
+    except OSError as e:  # a full disk is the user's to fix; any other OSError is a bug
+        if not is_disk_full(e):
+            raise
+        print(f"eri {args.command}: {DiskFull(e.filename or '.')}", file=sys.stderr)
+        return DiskFull.exit_code
 
 
 # -- eri inspect ------------------------------------------------------------------------
@@ -207,25 +215,12 @@ def inspect(args: argparse.Namespace) -> int:
 def train(args: argparse.Namespace) -> int:
     """Exit 0 done, 2 bad input, 1 run-time fault (docs/reliability.md), 128 + signal when stopped."""
     from eridiffusion import faults
-    from eridiffusion.config import ConfigError, TrainConfig
-    from eridiffusion.data.dataset import DatasetError
-    from eridiffusion.pipeline import PipelineError
+    from eridiffusion.config import TrainConfig
     from eridiffusion.train import train as run
 
     overrides = [*args.overrides, *(["save.overwrite=true"] if args.overwrite else [])]
     try:
         result = run(TrainConfig.from_toml(args.config, overrides), resume_dir=args.resume)
-    except (ConfigError, DatasetError, PipelineError) as e:
-        print(f"eri train: {e}", file=sys.stderr)
-        return 2
-    except faults.FaultError as e:
-        print(f"eri train: {e}", file=sys.stderr)
-        return e.exit_code
-    except OSError as e:
-        if not faults.is_disk_full(e):
-            raise
-        print(f"eri train: {faults.DiskFull(e.filename or '.')}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("eri train: interrupted before the first step; nothing to save", file=sys.stderr)
         return 130
@@ -244,15 +239,10 @@ def train(args: argparse.Namespace) -> int:
     arg("overrides", nargs="*", metavar="section.field=value"),
 )
 def cache(args: argparse.Namespace) -> int:
-    from eridiffusion.config import ConfigError, TrainConfig
-    from eridiffusion.data.dataset import DatasetError
+    from eridiffusion.config import TrainConfig
     from eridiffusion.train import build_cache
 
-    try:
-        stats = build_cache(TrainConfig.from_toml(args.config, args.overrides)).stats
-    except (ConfigError, DatasetError) as e:
-        print(f"eri cache: {e}", file=sys.stderr)
-        return 2
+    stats = build_cache(TrainConfig.from_toml(args.config, args.overrides)).stats
     print(f"cache: {stats.writes} entries written")
     return 0
 
@@ -298,19 +288,14 @@ def demo(args: argparse.Namespace) -> int:
 )
 def sample(args: argparse.Namespace) -> int:
     from eridiffusion import pipeline
-    from eridiffusion.lora import LoRAError
 
-    try:
-        size = pipeline.parse_size(args.size) if args.size else None
-        pipeline.sample_files(
-            args.model, args.prompt, args.out, negative=args.negative, steps=args.steps, cfg=args.cfg,
-            sampler=args.sampler, karras=args.karras, seed=args.seed, size=size, batch=args.batch,
-            loras=[pipeline.parse_lora(x) for x in args.lora], device=args.device, dtype=args.dtype,
-            allow_pickle=args.allow_pickle,
-        )  # fmt: skip
-    except (pipeline.PipelineError, LoRAError) as e:
-        print(f"eri sample: {e}", file=sys.stderr)
-        return 2
+    size = pipeline.parse_size(args.size) if args.size else None
+    pipeline.sample_files(
+        args.model, args.prompt, args.out, negative=args.negative, steps=args.steps, cfg=args.cfg,
+        sampler=args.sampler, karras=args.karras, seed=args.seed, size=size, batch=args.batch,
+        loras=[pipeline.parse_lora(x) for x in args.lora], device=args.device, dtype=args.dtype,
+        allow_pickle=args.allow_pickle,
+    )  # fmt: skip
     return 0
 
 

@@ -19,14 +19,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from eridiffusion.errors import ConfigError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
-
-
-class ConfigError(ValueError):
-    """A one-line user-facing problem with a config file or override."""
 
 
 # ---------------------------------------------------------------- sections

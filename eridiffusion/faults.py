@@ -18,13 +18,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from eridiffusion.errors import FaultError
+
 SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
-
-
-class FaultError(Exception):
-    """A run-time failure with a one-line `str()` that names what happened and what to do."""
-
-    exit_code = 1
 
 
 class DiskFull(FaultError):

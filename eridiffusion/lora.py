@@ -35,6 +35,7 @@ from torch import nn
 
 from eridiffusion import ops
 from eridiffusion.io import atomic_write
+from eridiffusion.errors import LoRAError
 
 PREFIXES = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_", "te": "lora_te_"}
 
@@ -85,10 +86,6 @@ _TOP_LEVEL_NAMES = {
     "label_emb.0.2": "add_embedding.linear_2",
     "out.2": "conv_out",
 }
-
-
-class LoRAError(ValueError):
-    """A LoRA file or request that cannot be used; `str()` is one line naming the fix."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,16 +37,13 @@ from eridiffusion import __version__, checkpoint, diffusion, lora, samplers, spe
 from eridiffusion.io import atomic_write
 from eridiffusion.models.tokenizer import CLIPTokenizer
 from eridiffusion.models.unet import sdxl_vector
+from eridiffusion.errors import PipelineError
 
 TILE_ABOVE = 128 * 128  # latent pixels (1024² images) above which the VAE decodes in tiles
 VAE_TILE, VAE_OVERLAP = 64, 16  # latent pixels (512 / 128 image pixels)
 A1111_SAMPLERS = {"euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M", "ddim": "DDIM"}
 
 Cond = dict[str, Tensor]  # UNet keywords: context (B, 77, D) and, for SDXL, y (B, adm)
-
-
-class PipelineError(ValueError):
-    """A sampling request that cannot run; `str()` is one line naming the value and the fix."""
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -32,6 +32,8 @@ from typing import Iterable, Iterator
 import torch
 from safetensors import safe_open
 
+from eridiffusion.errors import WeightError
+
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library refuses larger headers too
 _CHUNK = 16 << 20  # read_many: bytes per read, caps each worker's host buffer; a multiple of 8 (itemsize)
@@ -54,10 +56,6 @@ _DTYPES: dict[str, torch.dtype] = {
     "U32": torch.uint32,
     "U64": torch.uint64,
 }
-
-
-class WeightError(Exception):
-    """Base of every error about a weight file; ``str()`` is one line for the user."""
 
 
 class WeightNotFound(WeightError):

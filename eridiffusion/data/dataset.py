@@ -36,6 +36,7 @@ from eridiffusion.data.buckets import (
     make_buckets,
 )
 from eridiffusion.data.cache import file_digest
+from eridiffusion.errors import DatasetError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Pixel limit against decompression bombs: 178,956,970 = 2 × PIL's Image.MAX_IMAGE_PIXELS
@@ -54,10 +55,6 @@ SKIP_ZERO_REPEATS = "in a 0_ folder (0 repeats)"
 _REPEATS_DIR = re.compile(r"^(\d+)_(.+)$")
 _EXIF_ORIENTATION = 0x0112
 _BOM = b"\xef\xbb\xbf"
-
-
-class DatasetError(ValueError):
-    """A dataset folder that cannot be used; the message is one line naming it and the fix."""
 
 
 class ImageLoadError(DatasetError):
