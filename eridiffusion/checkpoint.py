@@ -87,6 +87,12 @@ class FamilyMismatch(WeightError):
         )
 
 
+_SD1_FILES = dict(
+    architecture="stable-diffusion-v1", implementation="diffusers", lora_parts={"unet": "unet", "te": "te1"},
+    unet_lora_naming="diffusers",
+)
+
+
 class KeyMismatch(WeightError):
     def __init__(self, file: str | os.PathLike, part: str, missing: list[str], unexpected: list[str]):
         self.file, self.part = str(file), part
@@ -116,6 +122,13 @@ class Family:
     prefixes: dict[str, str] = field(hash=False)
     base_model_version: str  # kohya `ss_base_model_version`
     prediction: str = "epsilon"
+    # SAI model spec `modelspec.architecture` of the base model (LoRA files add "/lora") and
+    # `modelspec.implementation` (kohya: SDXL LoRAs are sgm-named, SD1.x LoRAs diffusers-named)
+    architecture: str = "stable-diffusion-xl-v1-base"
+    implementation: str = "https://github.com/Stability-AI/generative-models"
+    # kohya LoRA prefix kind -> the part it adapts; the UNet's LoRA names: "ldm" or "diffusers"
+    lora_parts: dict[str, str] = field(default_factory=lambda: {"unet": "unet", "te1": "te1", "te2": "te2"}, hash=False)
+    unet_lora_naming: str = "ldm"
 
     @classmethod
     def sdxl(cls) -> Family:
@@ -128,7 +141,7 @@ class Family:
     def sd15(cls) -> Family:
         return cls(
             "sd15", "SD1.5", UNetConfig.sd15(), VAEConfig.sd15(), CLIPTextConfig.clip_l(), None,
-            prefixes=SD15_PREFIXES, base_model_version="sd_v1",
+            prefixes=SD15_PREFIXES, base_model_version="sd_v1", **_SD1_FILES,
         )
 
     @classmethod
@@ -143,7 +156,7 @@ class Family:
         vae = dataclasses.replace(VAEConfig.tiny(), scaling_factor=VAEConfig.sd15().scaling_factor)
         return cls(
             "sd15-tiny", "SD1.5", UNetConfig.tiny_sd15(), vae, CLIPTextConfig.tiny(), None,
-            prefixes=SD15_PREFIXES, base_model_version="sd_v1",
+            prefixes=SD15_PREFIXES, base_model_version="sd_v1", **_SD1_FILES,
         )
 
     @property
