@@ -1,0 +1,197 @@
+"""The adapter protocol, and the registry from file-key suffix to the adapter class that reads it.
+
+An adapter adds a learned update ΔW to one frozen layer's weight W (a Linear, a Conv2d, or a row
+block of a fused weight such as open_clip's q/k/v `in_proj_weight`):
+
+    y = layer(x) + multiplier · ΔW x        (merged: W ← W + multiplier · ΔW)
+
+File layout (kohya / LyCORIS, as ComfyUI `comfy/weight_adapter/` reads it): per adapted module
+NAME, keys `NAME.<suffix>`. Each adapter class claims its suffixes (`suffixes`) and one
+`identifying` suffix that only it writes; readers (`load_lora`, `apply_lora`, `eri inspect`,
+`checkpoint.lora_modules`) group a file's keys by NAME and look the class up here, instead of
+knowing suffix names themselves.
+
+An adapter class provides (torchtune's `AdapterModule` shape, plus files):
+- `adapter_params()`: the trainable parameters (fp32 master copies).
+- `delta_weight()`: ΔW in fp32, shaped like the base weight, `multiplier` not applied.
+- `update(x)`: the adapter's addition to the layer output, `multiplier` applied, in x.dtype;
+  `base_forward(x)`: the frozen layer alone. `forward(x)` = base_forward + update.
+- `state_tensors()`: {suffix: tensor}, e.g. `lora_down.weight`, `lora_up.weight`, `alpha`; the
+  parameters' tensors are detached views (copying into them loads), `alpha` a new fp32 scalar.
+- `from_tensors(base, tensors)` (classmethod): an adapter on `base` (a Linear / Conv2d, or the
+  weight rows a fused q/k/v slice folds into) holding `tensors` ({suffix: fp32 tensor}), not
+  installed anywhere; raises `LoRAError` when they do not fit `base`.
+- `check(shapes)` (classmethod): (rank, [problems]) from a file's {suffix: shape}, no tensor read.
+- `merge()` / `unmerge()`: fold multiplier · ΔW into the base weight (`target()`) and back.
+- `multiplier` (user strength, 1.0) and `merged`.
+
+The LyCORIS types still to come implement the same protocol, `alpha` meaning the same (scale
+alpha / rank), each in its own small file beside `lora.py`:
+- LoHa (identifying `hada_w1_a`; `hada_w1_a/hada_w1_b/hada_w2_a/hada_w2_b`, Tucker `hada_t1/hada_t2`):
+  ΔW = (alpha/r) · (w1_a @ w1_b) ⊙ (w2_a @ w2_b) (Hadamard product).
+- LoKr (identifying `lokr_w1` or `lokr_w1_a`; `lokr_w1` | `lokr_w1_a/lokr_w1_b`, `lokr_w2` |
+  `lokr_w2_a/lokr_w2_b`, `lokr_t2`): ΔW = kron(w1, w2), factors given whole or as a/b products,
+  alpha / r applied only when a factor is low-rank.
+- DoRA (`dora_scale`, beside another type's keys): W' = dora_scale · (W + ΔW) / ‖W + ΔW‖, the
+  norm per output row when dora_scale's first dimension equals W's, else per input column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from eridiffusion.errors import LoRAError
+
+# Suffixes of LyCORIS types we recognise but cannot apply yet (for detection and messages).
+LYCORIS_SUFFIXES = {
+    **{s: "LoHa" for s in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")},
+    **{s: "LoKr" for s in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")},
+    "dora_scale": "DoRA",
+    "lora_mid.weight": "LoCon with a Tucker core",
+}
+
+
+class Adapter(nn.Module):
+    """Base of the adapter classes: the protocol in the module docstring, generic merge/unmerge."""
+
+    suffixes: ClassVar[tuple[str, ...]] = ()
+    identifying: ClassVar[str] = ""
+    hyper: ClassVar[tuple[str, ...]] = ("alpha",)  # compared by value on resume, not copied
+
+    multiplier: float = 1.0
+    merged: bool = False
+
+    def adapter_params(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_tensors(cls, base: nn.Module | torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> Adapter:
+        raise NotImplementedError
+
+    @classmethod
+    def check(cls, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int | None, list[str]]:
+        raise NotImplementedError
+
+    def target(self) -> torch.Tensor:
+        """The weight (or row block of a fused weight) that `merge` folds ΔW into."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_forward(x)
+        return out if self.merged else out + self.update(x).to(out.dtype)
+
+    @torch.no_grad()
+    def _fold(self, sign: float) -> None:
+        w = self.target()
+        w.add_((self.delta_weight() * (sign * self.multiplier)).to(device=w.device, dtype=w.dtype))
+
+    def merge(self) -> None:
+        """Fold multiplier · ΔW into the base weight (in its dtype: bf16 makes unmerge inexact)."""
+        if not self.merged:
+            self._fold(1.0)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self._fold(-1.0)
+            self.merged = False
+
+
+class AdapterStack(nn.Module):
+    """Several adapters on one layer (one per LoRA file), applied in sequence, each with its own
+    strength: base(x) + Σ update_i(x); merged ones are already in the base weight."""
+
+    def __init__(self, adapters: Iterable[nn.Module]):
+        super().__init__()
+        self.adapters = nn.ModuleList(adapters)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.adapters[0].base_forward(x)
+        for a in self.adapters:
+            if not a.merged:
+                out = out + a.update(x).to(out.dtype)
+        return out
+
+    def merge(self) -> None:
+        for a in self.adapters:
+            a.merge()
+
+    def unmerge(self) -> None:
+        for a in self.adapters:
+            a.unmerge()
+
+
+# identifying suffix -> adapter class
+ADAPTERS: dict[str, type[Adapter]] = {}
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    """Make `cls` the reader of files whose modules carry `cls.identifying` (a class decorator)."""
+    if cls.identifying not in cls.suffixes:
+        raise LoRAError(f"register_adapter: {cls.__name__}.identifying {cls.identifying!r} is not one of its suffixes")
+    other = ADAPTERS.get(cls.identifying)
+    if other is not None and other is not cls:
+        raise LoRAError(f"register_adapter: suffix {cls.identifying!r} is already read by {other.__name__}")
+    ADAPTERS[cls.identifying] = cls
+    return cls
+
+
+def _suffixes(known: bool) -> list[str]:
+    names = {s for cls in ADAPTERS.values() for s in cls.suffixes} | (set(LYCORIS_SUFFIXES) if known else set())
+    return sorted(names, key=len, reverse=True)  # longest first: "lora_up.weight" before "weight"
+
+
+def split_key(key: str, known: bool = False) -> tuple[str, str] | None:
+    """(module name, suffix) of a file key whose suffix a registered adapter claims (with
+    `known`, also the LyCORIS suffixes we cannot apply yet), else None."""
+    for s in _suffixes(known):
+        if key.endswith("." + s):
+            return key[: -len(s) - 1], s
+    return None
+
+
+def group_keys(keys: Iterable[str]) -> tuple[dict[str, set[str]], list[str]]:
+    """({module name: {suffix, …}}, keys no registered adapter claims)."""
+    modules: dict[str, set[str]] = {}
+    unknown = []
+    for key in keys:
+        split = split_key(key)
+        if split is None:
+            unknown.append(key)
+        else:
+            modules.setdefault(split[0], set()).add(split[1])
+    return modules, unknown
+
+
+def adapter_for(suffixes: Iterable[str]) -> type[Adapter] | None:
+    """The registered class that reads one module's suffixes, or None."""
+    suffixes = set(suffixes)
+    for ident, cls in ADAPTERS.items():
+        if ident in suffixes and suffixes <= set(cls.suffixes):
+            return cls
+    return None
+
+
+def unsupported(key: str) -> str:
+    """What a key no registered adapter reads is, for an error message."""
+    split = split_key(key, known=True)
+    kind = LYCORIS_SUFFIXES.get(split[1]) if split else None
+    if kind is not None:
+        return f"{kind} key {key!r}; {kind} files are not supported yet"
+    return f"key {key!r} is read by no adapter (known suffixes: {', '.join(sorted(ADAPTERS))})"
