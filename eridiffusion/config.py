@@ -15,6 +15,7 @@ import difflib
 import os
 import re
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -39,20 +40,89 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class SubsetConfig:
+    """One `[[data.subsets]]` table: a folder and its options; None = the `[data]` field of that name."""
+
     dir: str = ""
+    is_reg: bool = False  # regularization (prior-preservation) images, weighted by data.prior_loss_weight
+    repeats: int | None = None
+    resolution: int | None = None
+    bucket_min: int | None = None
+    bucket_max: int | None = None
+    caption_ext: str | None = None
+    default_caption: str | None = None
+    caption_prefix: str | None = None
+    caption_suffix: str | None = None
+    caption_dropout: float | None = None
+    tag_dropout: float | None = None
+    shuffle_tags: bool | None = None
+    keep_tags: int | None = None
+    random_crop: bool | None = None
+    flip: bool | None = None
+    upscale_small: bool | None = None
+    alpha_mask: bool | None = None
+
+
+# fields a subset inherits from [data] when it leaves them out
+SUBSET_INHERITED = tuple(f.name for f in dataclasses.fields(SubsetConfig) if f.name not in ("dir", "is_reg"))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dir: str = ""  # "" = only the [[data.subsets]]
     resolution: int = 1024  # bucket area = resolution²
     bucket_step: int = 64
     bucket_min: int = 512
     bucket_max: int = 2048
     repeats: int = 1  # for images not in a kohya `N_name` folder
     caption_ext: str = ".txt"
-    default_caption: str = ""  # "" = use the file stem
+    default_caption: str = ""  # "" = the `N_name` folder's name, else the file stem
+    caption_prefix: str = ""
+    caption_suffix: str = ""
     caption_dropout: float = 0.0
+    tag_dropout: float = 0.0  # per-tag drop probability (kohya caption_tag_dropout_rate)
     shuffle_tags: bool = False
     keep_tags: int = 0
     random_crop: bool = False
     flip: bool = False
+    upscale_small: bool = True  # images below the smallest bucket are upscaled (False: skipped)
+    alpha_mask: bool = False  # an image's alpha channel is its loss mask when it has no mask file
+    prior_loss_weight: float = 1.0  # loss weight of is_reg subsets' images
+    subsets: tuple[SubsetConfig, ...] = ()
+
+    def _resolve(self, s: SubsetConfig) -> SubsetConfig:
+        return dataclasses.replace(s, **{k: getattr(self, k) for k in SUBSET_INHERITED if getattr(s, k) is None})
+
+    def resolved_subsets(self) -> tuple[SubsetConfig, ...]:
+        """`data.dir` (if set) then each `[[data.subsets]]`, every None filled from `[data]`."""
+        own = (SubsetConfig(dir=self.dir),) if self.dir else ()
+        return tuple(self._resolve(s) for s in own + self.subsets)
+
+    def validate(self, source: str = "config") -> None:
+        """Reject impossible values of `[data]` and of every subset; one line naming the field."""
+        step = self.bucket_step
+        _check(source, "data.bucket_step", step, step > 0 and step % 8 == 0, "a positive multiple of 8")
+        _check(source, "data.prior_loss_weight", self.prior_loss_weight, self.prior_loss_weight >= 0, ">= 0")
+        tables = [("data", self)] + [(f"data.subsets[{j}]", self._resolve(s)) for j, s in enumerate(self.subsets)]
+        for prefix, d in tables:
+            checks = [
+                ("resolution", d.resolution > 0 and d.resolution % 8 == 0, "a positive multiple of 8"),
+                ("bucket_min", d.bucket_min > 0 and d.bucket_min % step == 0,
+                 f"a positive multiple of data.bucket_step ({step})"),
+                ("bucket_max", d.bucket_max % step == 0, f"a multiple of data.bucket_step ({step})"),
+                ("bucket_min", d.bucket_min <= d.resolution, f"<= the resolution ({d.resolution})"),
+                ("bucket_max", d.bucket_max >= d.resolution, f">= the resolution ({d.resolution})"),
+                ("repeats", d.repeats >= 1, ">= 1"),
+                ("caption_ext", re.fullmatch(r"\.[^/\\\s]+", d.caption_ext) is not None,
+                 'an extension beginning with "." such as ".txt" or ".caption"'),
+                ("caption_dropout", 0.0 <= d.caption_dropout <= 1.0, "between 0 and 1"),
+                ("tag_dropout", 0.0 <= d.tag_dropout <= 1.0, "between 0 and 1"),
+                ("keep_tags", d.keep_tags >= 0, ">= 0"),
+            ]
+            if prefix != "data":
+                checks.insert(0, ("dir", bool(d.dir), "a folder of images (each subset needs its dir)"))
+            for name, ok, expected in checks:
+                _check(source, f"{prefix}.{name}", getattr(d, name), ok, expected)
 
 
 @dataclass(frozen=True)
@@ -228,18 +298,9 @@ class TrainConfig:
 
     def validate(self, source: str = "config") -> None:
         """Reject impossible values; one line naming the field."""
-        d, lo, o, t = self.data, self.lora, self.optim, self.train
+        self.data.validate(source)
+        lo, o, t = self.lora, self.optim, self.train
         checks = [
-            ("data.resolution", d.resolution > 0 and d.resolution % 8 == 0, "a positive multiple of 8"),
-            ("data.bucket_step", d.bucket_step > 0 and d.bucket_step % 8 == 0, "a positive multiple of 8"),
-            ("data.bucket_min", d.bucket_min > 0 and d.bucket_min % d.bucket_step == 0,
-             f"a positive multiple of data.bucket_step ({d.bucket_step})"),
-            ("data.bucket_max", d.bucket_max % d.bucket_step == 0, f"a multiple of data.bucket_step ({d.bucket_step})"),
-            ("data.bucket_min", d.bucket_min <= d.resolution, f"<= data.resolution ({d.resolution})"),
-            ("data.bucket_max", d.bucket_max >= d.resolution, f">= data.resolution ({d.resolution})"),
-            ("data.repeats", d.repeats >= 1, ">= 1"),
-            ("data.caption_dropout", 0.0 <= d.caption_dropout <= 1.0, "between 0 and 1"),
-            ("data.keep_tags", d.keep_tags >= 0, ">= 0"),
             ("lora.rank", lo.rank > 0, "> 0"),
             ("lora.alpha", lo.alpha > 0, "> 0"),
             ("lora.conv_rank", lo.conv_rank >= 0, ">= 0 (0 = off)"),
@@ -287,10 +348,13 @@ class TrainConfig:
             raise ConfigError(
                 f"model.path = {self.model.path!r} does not exist: pass model.path=/path/to/model.safetensors"
             )
-        if not self.data.dir:
-            raise ConfigError("data.dir is empty: set it in the config or pass data.dir=/path/to/images")
-        if not os.path.isdir(self.data.dir):
+        if not self.data.dir and not self.data.subsets:
+            raise ConfigError("data.dir is empty: set it (or add [[data.subsets]]) or pass data.dir=/path/to/images")
+        if self.data.dir and not os.path.isdir(self.data.dir):
             raise ConfigError(f"data.dir = {self.data.dir!r} is not a folder: pass data.dir=/path/to/images")
+        for j, subset in enumerate(self.data.subsets):
+            if not os.path.isdir(subset.dir):
+                raise ConfigError(f"data.subsets[{j}].dir = {subset.dir!r} is not a folder: set it to a folder of images")
 
     @property
     def cache_dir(self) -> str:
@@ -345,7 +409,27 @@ def _literal_choices(tp: Any) -> tuple | None:
     return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
 
 
+def _optional_of(tp: Any) -> Any:
+    """`X` for `X | None` (a subset field that inherits from [data] when left out), else None."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        return args[0] if args[1] is type(None) else args[1]
+    return None
+
+
+def _table_list_of(tp: Any) -> type | None:
+    """The dataclass `C` of a `tuple[C, ...]` field (a TOML array of tables), else None."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and len(args) == 2 and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
+
+
 def _type_name(tp: Any) -> str:
+    if _optional_of(tp) is not None:
+        return _type_name(_optional_of(tp))
+    if _table_list_of(tp) is not None:
+        return "a list of tables"
     choices = _literal_choices(tp)
     if choices is not None:
         return "one of " + ", ".join(repr(c) for c in choices)
@@ -360,6 +444,8 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(tp: Any, value: Any) -> Any:
     """Return `value` as type `tp`, or raise TypeError. int→float is the only widening."""
+    if _optional_of(tp) is not None:
+        return _coerce(_optional_of(tp), value)
     choices = _literal_choices(tp)
     if choices is not None:
         if value in choices:
@@ -399,6 +485,10 @@ def _build_section(cls: type, section: str, values: dict[str, Any], source: str)
     for name, value in values.items():
         if name not in hints:
             raise ConfigError(f"{source}: unknown key {section}.{name}{_suggest(name, hints, section + '.')}")
+        table = _table_list_of(hints[name])
+        if table is not None and isinstance(value, (list, tuple)) and all(isinstance(v, dict) for v in value):
+            kwargs[name] = tuple(_build_section(table, f"{section}.{name}[{j}]", v, source) for j, v in enumerate(value))
+            continue
         try:
             kwargs[name] = _coerce(hints[name], value)
         except TypeError:
@@ -414,7 +504,15 @@ def _is_file_stem(name: str) -> bool:
 
 
 def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+    """TOML-ready value: tuples as lists, a dataclass as a table of its fields that are not None."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if getattr(value, f.name) is not None}
+    return [_plain(v) for v in value] if isinstance(value, tuple) else value
+
+
+def _check(source: str, key: str, value: Any, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{source}: {key} = {_toml_value(_plain(value))} is invalid: must be {expected}")
 
 
 def _toml_value(value: Any) -> str:

@@ -92,6 +92,25 @@ def to_pixels(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(pixels)
 
 
+def cover_size(width: int, height: int, bucket: Bucket) -> tuple[int, int]:
+    """(width, height) of an image scaled (up or down) to just cover `bucket`, aspect kept."""
+    bh, bw = bucket
+    scale = max(bh / height, bw / width)
+    return max(bw, round(width * scale)), max(bh, round(height * scale))
+
+
+def resize_crop_flip(image: Image.Image, bucket: Bucket, top: int, left: int, flip: bool) -> Image.Image:
+    """Resize `image` to `cover_size`, cut the bucket at (top, left) of the resized image, maybe
+    mirror it. The one geometry of `bucket_transform`, applied alike to pixels and masks."""
+    bh, bw = bucket
+    rw, rh = cover_size(*image.size, bucket)
+    if (rw, rh) != image.size:
+        # reducing_gap: box-reduce by an integer factor first, then Lanczos (fast on big photos)
+        image = image.resize((rw, rh), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    image = image.crop((left, top, left + bw, top + bh))
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image
+
+
 def bucket_transform(
     image: Image.Image,
     bucket: Bucket,
@@ -101,30 +120,23 @@ def bucket_transform(
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
     """Resize `image` (RGB, already EXIF-transposed) to cover `bucket`, crop and maybe flip it.
 
-    `crop` is "center" or "random" (offset drawn from `generator`); `flip` mirrors left-right.
-    Returns pixels (3, bh, bw) in [-1, 1], `time_ids` (6,) float32
+    `crop` is "center" or "random" (offset drawn from `generator`: top, then left); `flip`
+    mirrors left-right. Returns pixels (3, bh, bw) in [-1, 1], `time_ids` (6,) float32
     [orig_h, orig_w, crop_top, crop_left, target_h, target_w] and the crop (top, left) in the
-    resized, unflipped image.
+    resized, unflipped image (give it to `resize_crop_flip` to cut a mask the same way).
     """
     if crop not in CROP_MODES:
         raise ValueError(f"crop={crop!r} is not one of {CROP_MODES}; use 'center' or 'random'")
     bh, bw = bucket
     w, h = image.size
-    scale = max(bh / h, bw / w)
-    rw, rh = max(bw, round(w * scale)), max(bh, round(h * scale))
-    if (rw, rh) != (w, h):
-        # reducing_gap: box-reduce by an integer factor first, then Lanczos (fast on big photos)
-        image = image.resize((rw, rh), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    rw, rh = cover_size(w, h, bucket)
     if crop == "random":
         top = int(torch.randint(0, rh - bh + 1, (1,), generator=generator))
         left = int(torch.randint(0, rw - bw + 1, (1,), generator=generator))
     else:
         top, left = (rh - bh) // 2, (rw - bw) // 2
-    image = image.crop((left, top, left + bw, top + bh))
-    shown_left = left
-    if flip:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        shown_left = rw - left - bw
+    image = resize_crop_flip(image, bucket, top, left, flip)
+    shown_left = rw - left - bw if flip else left
     time_ids = torch.tensor([h, w, top, shown_left, bh, bw], dtype=torch.float32)
     return to_pixels(image), time_ids, (top, left)
 

@@ -15,6 +15,8 @@ from eridiffusion.data.dataset import (
     SKIP_EMPTY,
     SKIP_NOT_IMAGE,
     SKIP_TOO_SMALL,
+    IGNORE_NOT_IMAGE,
+    IGNORE_ORPHAN,
     CaptionConfig,
     DatasetError,
     ImageLoadError,
@@ -57,23 +59,27 @@ def messy(tmp_path):
     _rgb(tmp_path / "tiny.png", 32, 32)
     _rgb(tmp_path / "narrow.png", 300, 40)  # short side below the smallest bucket side
     (tmp_path / "notes.txt").write_text("a stray caption with no image")
-    (tmp_path / "anim.gif").write_bytes(b"GIF89a")  # extension not scanned
+    (tmp_path / "anim.gif").write_bytes(b"GIF89a")  # a header and nothing else
+    (tmp_path / "notes.docx").write_bytes(b"PK")
     return tmp_path
 
 
 def test_bad_files_are_skipped_with_reasons(messy):
-    ds = build_dataset(messy, TINY)
+    ds = build_dataset(messy, TINY, upscale_small=False)
     assert [it.path.name for it in ds.items] == ["good.png"]
     skipped = {reason: _names(paths) for reason, paths in ds.report.skipped.items()}
     assert skipped == {
         SKIP_CORRUPT: ["truncated.jpg"],
         SKIP_EMPTY: ["zero.png"],
-        SKIP_NOT_IMAGE: ["text.png"],
+        SKIP_NOT_IMAGE: ["anim.gif", "text.png"],
         SKIP_TOO_SMALL: ["narrow.png", "tiny.png"],
     }
+    ignored = {reason: _names(paths) for reason, paths in ds.report.ignored.items()}
+    assert ignored == {IGNORE_ORPHAN: ["notes.txt"], IGNORE_NOT_IMAGE: ["notes.docx"]}
     text = str(ds.report)
-    assert 2 <= len(text.splitlines()) <= 5
-    assert "1 images used" in text and "5 skipped" in text and "2 smaller than the smallest bucket" in text
+    assert 2 <= len(text.splitlines()) <= 6
+    assert "1 images used" in text and "6 skipped" in text and "2 smaller than the smallest bucket" in text
+    assert "first: anim.gif, narrow.png, text.png" in text  # the first few
 
 
 def test_decompression_bomb_skipped_by_header_size(tmp_path):
@@ -99,7 +105,7 @@ def test_no_usable_images_is_one_line_error_naming_folder(messy):
     for name in ["good.png"]:
         (messy / name).unlink()
     with pytest.raises(DatasetError) as e:
-        build_dataset(messy, TINY)
+        build_dataset(messy, TINY, upscale_small=False)
     msg = str(e.value)
     assert str(messy) in msg and "\n" not in msg and "no usable images" in msg
     assert isinstance(e.value, ValueError)
@@ -206,12 +212,12 @@ def test_captions_from_txt_jsonl_default_and_encodings(tmp_path):
     assert ds.report.captions_defaulted == 2 and ds.report.default_source == "file stem"
     assert len(ds.report.warnings) == 2  # the latin-1 file and the bad jsonl line
     assert any("latin1.txt" in w and "UTF-8" in w for w in ds.report.warnings)
-    assert "used the file stem" in str(ds.report)
+    assert "captions: 3 caption file (.txt), 2 file stem, 1 metadata.jsonl" in str(ds.report)
 
     ds = build_dataset(tmp_path, TINY, default_caption="photo of sks")
     captions = {it.path.stem: it.caption for it in ds.items}
     assert captions["missing"] == captions["empty"] == "photo of sks"
-    assert "used the default_caption" in str(ds.report)
+    assert "2 default_caption" in str(ds.report)
 
 
 def test_jsonl_in_parent_folder_with_relative_names(tmp_path):
@@ -250,7 +256,9 @@ def test_load_item_fields_and_determinism(tmp_path):
     item = ds.items[0]
     assert item.bucket == (64, 192) and item.size == (100, 300)  # 3:1
     out = ds.load_item(0, torch.Generator().manual_seed(0))
-    assert set(out) == {"pixels", "caption", "time_ids", "bucket", "key", "flipped"}
+    assert set(out) == {"pixels", "caption", "time_ids", "bucket", "key", "flipped", "mask", "loss_weight", "is_reg",
+                        "subset"}
+    assert out["mask"] is None and out["loss_weight"] == 1.0 and out["is_reg"] is False and out["subset"] == 0
     assert out["pixels"].shape == (3, 64, 192) and out["pixels"].dtype == torch.float32
     assert torch.equal(out["pixels"], torch.ones(3, 64, 192))
     assert out["bucket"] == (64, 192)
