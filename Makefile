@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test install install-test chromium clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,12 +17,20 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e '.[test]'
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(BIN)/python -m pip install -q -e '.[test,ui]'
 	touch $@
 
+# The browser test (tests/ui/test_browser.py) drives Debian's chromium through Playwright
+# (Playwright's own browser download is not reachable). Installed when missing and we are
+# root with apt; otherwise that one test skips and says why.
+chromium:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "make: chromium could not be installed; the browser test will skip"; fi
+
 install: $(VENV)/.installed
-install-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test chromium
 
 demo: install
 	$(BIN)/eri demo

@@ -189,19 +189,13 @@ class Components:
 
 
 # -- detection ------------------------------------------------------------------------
-_LORA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".lora_mid.weight", ".alpha", ".dora_scale")
-
-
 def lora_modules(keys) -> list[str]:
-    """Names of kohya LoRA modules (`lora_unet_…`, `lora_te1_…`, …) among `keys`, sorted."""
-    names = set()
-    for k in keys:
-        if k.startswith(("lora_unet_", "lora_te")):
-            for suffix in _LORA_SUFFIXES:
-                if k.endswith(suffix):
-                    names.add(k[: -len(suffix)])
-                    break
-    return sorted(names)
+    """Names of kohya / LyCORIS modules (`lora_unet_…`, `lora_te1_…`, …) among `keys`, sorted: a
+    kohya prefix and a suffix some adapter class reads (or a LyCORIS one, `networks.base`)."""
+    from eridiffusion.networks import base, naming
+
+    prefixes = tuple(naming.PREFIXES.values())
+    return sorted({split[0] for k in keys if k.startswith(prefixes) and (split := base.split_key(k, known=True))})
 
 
 _UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"

@@ -126,24 +126,33 @@ def _model_report(loader: WeightLoader) -> dict:
 
 
 def _lora_report(loader: WeightLoader, modules: list[str]) -> dict:
+    """What each module's adapter class (`networks` registry) says of its tensors' shapes."""
+    from eridiffusion.networks import base as adapters
+
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key in loader.keys():
+        if (split := adapters.split_key(key, known=True)) is not None:
+            shapes.setdefault(split[0], {})[split[1]] = tuple(loader.shape(key))
     counts: Counter[str] = Counter()
     ranks: Counter[int] = Counter()
     alphas: Counter[float] = Counter()
     problems = []
     for name in modules:
         counts[name.split("_", 2)[1]] += 1  # lora_<component>_<path>
-        down, up, alpha = (f"{name}.lora_down.weight", f"{name}.lora_up.weight", f"{name}.alpha")
-        if down not in loader or up not in loader:
-            problems.append(f"{name}: lora_down/lora_up pair incomplete")
+        cls = adapters.adapter_for(shapes.get(name, {}))
+        if cls is None:
+            problems.append(adapters.unreadable(name, shapes.get(name, {})))
             continue
-        rank = loader.shape(down)[0]
+        rank, found = cls.check(shapes[name])
+        problems += [f"{name}: {p}" for p in found]
+        if rank is None:
+            continue
         ranks[rank] += 1
-        if loader.shape(up)[1] != rank:
-            problems.append(f"{name}: lora_up {list(loader.shape(up))} does not match rank {rank}")
-        if alpha in loader:
-            alphas[float(loader.get(alpha).float().item())] += 1
-        else:
-            problems.append(f"{name}: no .alpha (read as scale 1.0 by ComfyUI/A1111)")
+        for s in cls.hyper:  # alpha
+            if s in shapes[name]:
+                alphas[float(loader.get(f"{name}.{s}").float().item())] += 1
+            else:
+                problems.append(f"{name}: no .{s} (read as scale 1.0 by ComfyUI/A1111)")
     return {
         "kind": "lora",
         "modules": len(modules),
@@ -297,6 +306,22 @@ def sample(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
     )  # fmt: skip
     return 0
+
+
+# -- eri ui (docs/ui/README.md) -----------------------------------------------------------
+@command(
+    "ui",
+    "a local web app: dataset captions and buckets, a training form, live loss and samples, runs, sampling",
+    arg("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs a token)"),
+    arg("--port", type=int, default=7860, help="default 7860"),
+    arg("--root", default=".", help="the folder the UI may read and write (datasets, models, runs); default ."),
+    arg("--token", default=None, help="require this token on every request (generated when --host is not local)"),
+    arg("--demo", action="store_true", help="write the tiny demo model and dataset under --root first"),
+)
+def ui(args: argparse.Namespace) -> int:
+    from eridiffusion.ui import serve
+
+    return serve(args.root, host=args.host, port=args.port, token=args.token, demo=args.demo)
 
 
 # -- eri bench --------------------------------------------------------------------------

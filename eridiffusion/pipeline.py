@@ -33,7 +33,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torch import Tensor, nn
 
-from eridiffusion import __version__, checkpoint, diffusion, lora, samplers, speed
+from eridiffusion import __version__, checkpoint, diffusion, networks, samplers, speed
 from eridiffusion.io import atomic_write
 from eridiffusion.models.tokenizer import CLIPTokenizer
 from eridiffusion.models.unet import sdxl_vector
@@ -80,10 +80,10 @@ class Pipeline:
             self.vae.float()
         self.tok1 = CLIPTokenizer()
         self.tok2 = CLIPTokenizer(pad_token_id=0) if self.te2 is not None else None
-        self.networks: dict[str, lora.LoRANetwork] = {}
+        self.networks: dict[str, networks.LoRANetwork] = {}
         if loras:
             files, scales = [p for p, _ in loras], [s for _, s in loras]
-            self.networks = lora.apply_lora(components, files, scales, merge=merge_loras)
+            self.networks = networks.apply_lora(components, files, scales, merge=merge_loras)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: torch.device | str = "cpu",

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eridiffusion import checkpoint, cli, lora, pipeline
+from eridiffusion import checkpoint, cli, networks, pipeline
 from eridiffusion.config import SampleConfig, TrainConfig
 from eridiffusion.pipeline import Pipeline, SampleParams, Validation
 
@@ -44,14 +44,14 @@ def png_bytes(image: Image.Image) -> bytes:
 def lora_file(tmp_path_factory):
     """A random rank-4 LoRA on the tiny SDXL UNet and both text encoders (kohya file)."""
     c = checkpoint.tiny_components("sdxl-tiny", seed=0)
-    nets = [lora.inject(c.unet, "unet", 4, 4.0), lora.inject(c.te1, "te1", 4, 4.0), lora.inject(c.te2, "te2", 4, 4.0)]
+    nets = [networks.inject(c.unet, "unet", 4, 4.0), networks.inject(c.te1, "te1", 4, 4.0), networks.inject(c.te2, "te2", 4, 4.0)]
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for net in nets:
             for p in net.lora_parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     path = tmp_path_factory.mktemp("lora") / "style.safetensors"
-    lora.save_lora(path, nets, dtype=torch.float32)
+    networks.save_lora(path, nets, dtype=torch.float32)
     return path
 
 

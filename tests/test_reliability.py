@@ -22,7 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from eridiffusion import checkpoint, faults, lora
+from eridiffusion import checkpoint, faults, networks
+from eridiffusion.networks import files as lora_files
 from eridiffusion.cli import main
 from eridiffusion.config import TrainConfig
 from eridiffusion.data.dataset import build_dataset
@@ -62,7 +63,7 @@ def root(tmp_path_factory):
     make_dataset(root / "data", n=4, size=64)
     (root / "run.toml").write_text(_config(root).to_toml(), encoding="utf-8")
     # bad checkpoints
-    lora.save_lora(root / "a_lora.safetensors", lora.inject(components.unet, "unet", 4, 4.0))
+    networks.save_lora(root / "a_lora.safetensors", networks.inject(components.unet, "unet", 4, 4.0))
     full = load_file(root / "tiny.safetensors")
     key = "model.diffusion_model.input_blocks.1.0.in_layers.0.weight"
     save_file({k: v for k, v in full.items() if k != key}, root / "missing.safetensors")
@@ -296,7 +297,7 @@ def test_cuda_oom_gives_one_line_advice_and_keeps_the_state(root, tmp_path, caps
 
 
 def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_files(root, tmp_path, capsys, monkeypatch):
-    real, calls = lora.save_file, [0]
+    real, calls = lora_files.save_file, [0]
 
     def fill_disk(tensors, filename, metadata=None):
         calls[0] += 1
@@ -305,14 +306,14 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_files(root, 
             raise OSError(errno.ENOSPC, "No space left on device", filename)
         real(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(lora, "save_file", fill_disk)
+    monkeypatch.setattr(lora_files, "save_file", fill_disk)
     out_dir = tmp_path / "out"
     code, _, err = _eri(capsys, root / "run.toml", f"save.output_dir={out_dir}", "train.max_steps=8")
     assert code == 1
     line = _one_line(err)
     assert line.startswith(f"eri train: {out_dir / 'lora-step6.safetensors'}: disk full while saving (")
     assert "the previous file is kept" in line
-    assert lora.load_lora(out_dir / "lora-step3.safetensors")[1]["ss_steps"] == "3"
+    assert networks.load_lora(out_dir / "lora-step3.safetensors")[1]["ss_steps"] == "3"
     assert load_state(out_dir / "state")[0]["step"] == 3
     assert not (out_dir / "lora-step6.safetensors").exists()
     assert not [p for p in out_dir.rglob("*.tmp")]
@@ -400,7 +401,7 @@ def test_signal_finishes_the_step_saves_and_resume_continues(root, reference, tm
     step = _saved_step(out)
     assert 2 <= step < STEPS
     assert err.strip().splitlines()[-1].startswith(f"eri train: stopped by {signal.Signals(sig).name} after step {step};")
-    assert lora.load_lora(out / f"lora-step{step}.safetensors")[1]["ss_steps"] == str(step)
+    assert networks.load_lora(out / f"lora-step{step}.safetensors")[1]["ss_steps"] == str(step)
     assert _history(out) == reference[0][:step]
     # resuming continues exactly where it stopped
     assert _eri(capsys, root / "run.toml", f"save.output_dir={out}", "train.resume=true")[0] == 0
@@ -461,7 +462,7 @@ def test_kill_9_during_a_save_keeps_the_previous_files(root, reference, tmp_path
     meta, tensors = load_state(state)  # the previous state loads
     assert meta["step"] == EVERY and len(tensors) > 0
     for s in (EVERY, 2 * EVERY):  # LoRA files are written before the state, both complete
-        assert lora.load_lora(out / f"lora-step{s}.safetensors")[1]["ss_steps"] == str(s)
+        assert networks.load_lora(out / f"lora-step{s}.safetensors")[1]["ss_steps"] == str(s)
     code, log, err = _eri(capsys, root / "run.toml", f"save.output_dir={out}", "train.resume=true")
     assert code == 0, err
     assert f"removed {state / temps[0]}, a partial write of a killed run" in log

@@ -62,7 +62,7 @@ def test_train_compile_option_compiles_and_gives_the_same_losses(tmp_path, monke
 
 def test_fused_qkv_gives_the_same_output_and_gradients_with_and_without_lora():
     """One GEMM for q, k, v (and one rank-3r LoRA down / block-diagonal up) equals three."""
-    from eridiffusion import lora
+    from eridiffusion import networks
 
     torch.manual_seed(0)
     unet = UNet(UNetConfig.tiny()).train()
@@ -83,7 +83,7 @@ def test_fused_qkv_gives_the_same_output_and_gradients_with_and_without_lora():
     unet.requires_grad_(False)
     plain = run(False, [])
     torch.testing.assert_close(run(True, []), plain, rtol=0, atol=1e-5)
-    net = lora.inject(unet, "unet", rank=4, alpha=2)  # q, k, v, out and more, up weights non-zero below
+    net = networks.inject(unet, "unet", rank=4, alpha=2)  # q, k, v, out and more, up weights non-zero below
     net.set_multiplier(0.5)
     with torch.no_grad():
         for p in net.lora_parameters():
@@ -184,7 +184,7 @@ def test_latent_cache_with_compile_runs_the_compiled_encoder_and_writes_the_same
 def test_checkpointing_compiled_blocks_gives_the_eager_gradients(backend="aot_eager"):
     """A checkpoint around each compiled block body: no graph break, and the LoRA gradients
     equal the eager ones without checkpointing."""
-    from eridiffusion import lora
+    from eridiffusion import networks
 
     torch.manual_seed(0)
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([500, 20])
@@ -193,7 +193,7 @@ def test_checkpointing_compiled_blocks_gives_the_eager_gradients(backend="aot_ea
     def grads(ckpt: bool, compiled: bool):
         torch.manual_seed(1)
         unet = UNet(UNetConfig.tiny()).requires_grad_(False)
-        net = lora.inject(unet, "unet", rank=4, alpha=4, targets=["*.to_q", "*.to_k", "*.to_v", "*.to_out.0"])
+        net = networks.inject(unet, "unet", rank=4, alpha=4, targets=["*.to_q", "*.to_k", "*.to_v", "*.to_out.0"])
         for p in net.lora_parameters():
             torch.nn.init.normal_(p, std=0.05)
         unet.train()

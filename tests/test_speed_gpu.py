@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eridiffusion import lora
+from eridiffusion import networks
 from eridiffusion.models.unet import UNet, UNetConfig, sdxl_vector
 from eridiffusion.speed import optimize_for_training, training_step
 
@@ -18,7 +18,7 @@ def run(cfg: UNetConfig, steps: int, compile: bool, graph: bool, batch: int = 2,
     with torch.device("cuda"):
         unet = UNet(cfg)
     unet.to(torch.bfloat16)
-    net = lora.inject(unet, "unet", rank=8, alpha=8)
+    net = networks.inject(unet, "unet", rank=8, alpha=8)
     torch.manual_seed(1)
     for p in net.lora_parameters():  # non-zero up weights, so the LoRA path matters from step 0
         torch.nn.init.normal_(p, std=0.02)
@@ -101,7 +101,7 @@ def test_checkpointing_a_compiled_block_keeps_only_what_the_eager_checkpoint_kee
         with torch.device("cuda"):
             unet = UNet(UNetConfig.tiny())
         unet.to(torch.bfloat16).requires_grad_(False)
-        lora.inject(unet, "unet", rank=8, alpha=8)
+        networks.inject(unet, "unet", rank=8, alpha=8)
         unet.train()
         unet.gradient_checkpointing = True
         if compiled:
