@@ -147,8 +147,9 @@ def check(raw: dict[str, Any], root: Root | None = None) -> tuple[TrainConfig | 
     """Build the config the trainer would; every error found as `{"section.field": message}`.
 
     `from_dict` stops at the first problem, so each named field is reset to its default and
-    the rest is checked again. An error naming no field is returned under the key "config".
-    Paths (PATH_FIELDS) must resolve under `root`.
+    the rest is checked again; when the default fails too (a check across fields), the whole
+    section is. An error naming no field is returned under the key "config". Paths
+    (PATH_FIELDS) must resolve under `root`.
     """
     raw = copy.deepcopy(raw)
     errors: dict[str, str] = {}
@@ -164,14 +165,17 @@ def check(raw: dict[str, Any], root: Root | None = None) -> tuple[TrainConfig | 
         except ConfigError as e:
             message = str(e).removeprefix("form: ")
             key = field_of(message)
-            if key is None or key in errors and key not in PATH_FIELDS:
-                errors.setdefault(key or "config", message)
+            if key is None:
+                errors.setdefault("config", message)
                 return None, errors
             errors.setdefault(key, message)
             section, name = key.split(".")
-            if not isinstance(raw.get(section), dict) or name not in raw[section]:
+            if not isinstance(raw.get(section), dict):
                 return None, errors
-            del raw[section][name]
+            if name in raw[section]:
+                del raw[section][name]
+            else:
+                del raw[section]
             continue
         return (None if errors else cfg), errors
     return None, errors
