@@ -132,7 +132,7 @@ class LoRAConfig:
     conv_rank: int = 0  # 0 = no LoCon on ResBlock convs
     conv_alpha: float = 0.0  # 0 = same as conv_rank
     dropout: float = 0.0
-    unet_targets: tuple[str, ...] = ()  # () = lora.py's default attention/ff/proj set
+    unet_targets: tuple[str, ...] = ()  # () = networks.UNET_TARGETS: attention/ff/proj
     train_text_encoder: bool = False
 
 

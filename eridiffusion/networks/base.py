@@ -166,12 +166,12 @@ def split_key(key: str, known: bool = False) -> tuple[str, str] | None:
     return None
 
 
-def group_keys(keys: Iterable[str]) -> tuple[dict[str, set[str]], list[str]]:
-    """({module name: {suffix, …}}, keys no registered adapter claims)."""
+def group_keys(keys: Iterable[str], known: bool = False) -> tuple[dict[str, set[str]], list[str]]:
+    """({module name: {suffix, …}}, keys no adapter claims); `known` as in `split_key`."""
     modules: dict[str, set[str]] = {}
     unknown = []
     for key in keys:
-        split = split_key(key)
+        split = split_key(key, known)
         if split is None:
             unknown.append(key)
         else:
@@ -188,10 +188,10 @@ def adapter_for(suffixes: Iterable[str]) -> type[Adapter] | None:
     return None
 
 
-def unsupported(key: str) -> str:
-    """What a key no registered adapter reads is, for an error message."""
-    split = split_key(key, known=True)
-    kind = LYCORIS_SUFFIXES.get(split[1]) if split else None
-    if kind is not None:
-        return f"{kind} key {key!r}; {kind} files are not supported yet"
-    return f"key {key!r} is read by no adapter (known suffixes: {', '.join(sorted(ADAPTERS))})"
+def unreadable(name: str, suffixes: Iterable[str]) -> str:
+    """Why no registered adapter reads module `name` with these suffixes, for a one-line error."""
+    suffixes = sorted(suffixes)
+    kinds = sorted({LYCORIS_SUFFIXES[s] for s in suffixes if s in LYCORIS_SUFFIXES})
+    if kinds:
+        return f"{name}: {'/'.join(kinds)} ({', '.join(suffixes)}) is not supported yet"
+    return f"{name}: no adapter type reads {', '.join(suffixes)} together (registered: {', '.join(sorted(ADAPTERS))})"

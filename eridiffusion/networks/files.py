@@ -21,7 +21,7 @@ from torch import nn
 from eridiffusion.errors import LoRAError
 from eridiffusion.io import atomic_write
 from eridiffusion.networks import naming as names
-from eridiffusion.networks.base import Adapter, adapter_for, group_keys, unsupported
+from eridiffusion.networks.base import Adapter, adapter_for, group_keys, unreadable
 from eridiffusion.networks.network import LoRANetwork, qkv_rows
 from eridiffusion.networks.lora import LoRAQKV
 
@@ -135,14 +135,14 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, AdapterWeights], dict[
         raise LoRAError(f"{path}: not a .safetensors file; LoRA files are read from safetensors only")
     with safe_open(path, framework="pt") as f:
         metadata = f.metadata() or {}
-        modules, unknown = group_keys(f.keys())
+        modules, unknown = group_keys(f.keys(), known=True)
         if unknown:
-            raise LoRAError(f"{path}: {unsupported(unknown[0])}")
+            raise LoRAError(f"{path}: key {unknown[0]!r} is no LoRA/LyCORIS key; is this a LoRA file?")
         out = {}
         for name, suffixes in modules.items():
             cls = adapter_for(suffixes)
             if cls is None:
-                raise LoRAError(f"{path}: {name} has {sorted(suffixes)}, which no adapter type reads together")
+                raise LoRAError(f"{path}: {unreadable(name, suffixes)}")
             _, problems = cls.check({s: tuple(f.get_slice(f"{name}.{s}").get_shape()) for s in suffixes})
             if problems:
                 raise LoRAError(f"{path}: {name}: {problems[0]}; the file is incomplete or damaged")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from eridiffusion import networks as lora
+from eridiffusion import networks
 from eridiffusion.models.unet import sdxl_vector
 
 B = 2
@@ -58,12 +58,12 @@ def randomize(networks, seed: int = 1, std: float = 0.05):
 
 
 def inject_all(c, rank=4, alpha=2.0, conv_rank=None, conv_alpha=None, dropout=0.0):
-    nets = {"unet": lora.inject(c.unet, "unet", rank, alpha, conv_rank=conv_rank, conv_alpha=conv_alpha, dropout=dropout)}
+    nets = {"unet": networks.inject(c.unet, "unet", rank, alpha, conv_rank=conv_rank, conv_alpha=conv_alpha, dropout=dropout)}
     if c.te2 is None:
-        nets["te"] = lora.inject(c.te1, "te", rank, alpha, dropout=dropout)
+        nets["te"] = networks.inject(c.te1, "te", rank, alpha, dropout=dropout)
     else:
-        nets["te1"] = lora.inject(c.te1, "te1", rank, alpha, dropout=dropout)
-        nets["te2"] = lora.inject(c.te2, "te2", rank, alpha, dropout=dropout)
+        nets["te1"] = networks.inject(c.te1, "te1", rank, alpha, dropout=dropout)
+        nets["te2"] = networks.inject(c.te2, "te2", rank, alpha, dropout=dropout)
     return nets
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from eridiffusion import networks as lora
+from eridiffusion import networks
 from eridiffusion.checkpoint import tiny_components
 from lora_helpers import FAMILIES, inject_all, max_diff, outputs, randomize, text_ids, unet_inputs
 
@@ -68,7 +68,7 @@ def test_kohya_names_and_ranks():
     assert set(nets["te1"].loras) == {k.replace("lora_te2_", "lora_te1_") for k in te2}
 
     sd15 = tiny_components("sd15-tiny")
-    s = lora.inject(sd15.unet, "unet", 4, 4.0, conv_rank=2).loras
+    s = networks.inject(sd15.unet, "unet", 4, 4.0, conv_rank=2).loras
     # diffusers-derived names for SD1.5 (kohya's SD1.x convention); 1x1 Conv proj_in
     assert s["lora_unet_down_blocks_0_attentions_1_proj_in"].lora_down.weight.shape == (4, 32, 1, 1)
     assert "lora_unet_down_blocks_1_resnets_0_conv_shortcut" in s
@@ -81,14 +81,14 @@ def test_kohya_names_and_ranks():
 def test_targets_patterns_and_errors():
     c = tiny_components("sdxl-tiny")
     n_blocks = sum(type(m).__name__ == "BasicTransformerBlock" for m in c.unet.modules())
-    net = lora.inject(c.unet, "unet", 2, 2.0, targets=["*.attn2.to_[kv]"])
+    net = networks.inject(c.unet, "unet", 2, 2.0, targets=["*.attn2.to_[kv]"])
     assert n_blocks == 11 and sorted(net.loras)[:2] == [
         "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k", "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_v"]
     assert len(net.loras) == 2 * n_blocks
-    with pytest.raises(lora.LoRAError, match="conv_rank"):
-        lora.inject(tiny_components("sdxl-tiny").unet, "unet", 2, 2.0, targets=["*.in_layers.2"])
-    with pytest.raises(lora.LoRAError, match="no unet module matches"):
-        lora.inject(tiny_components("sdxl-tiny").unet, "unet", 2, 2.0, targets=["*.nothing"])
+    with pytest.raises(networks.LoRAError, match="conv_rank"):
+        networks.inject(tiny_components("sdxl-tiny").unet, "unet", 2, 2.0, targets=["*.in_layers.2"])
+    with pytest.raises(networks.LoRAError, match="no unet module matches"):
+        networks.inject(tiny_components("sdxl-tiny").unet, "unet", 2, 2.0, targets=["*.nothing"])
 
 
 def test_only_lora_trains_and_base_is_bit_identical():
@@ -119,7 +119,7 @@ def test_only_lora_trains_and_base_is_bit_identical():
 def test_bf16_base_with_fp32_lora():
     c = tiny_components("sdxl-tiny")
     c.unet.to(torch.bfloat16)
-    net = lora.inject(c.unet, "unet", 4, 4.0, conv_rank=2)
+    net = networks.inject(c.unet, "unet", 4, 4.0, conv_rank=2)
     randomize([net])
     assert all(p.dtype == torch.float32 for p in net.lora_parameters())
     inp, _ = unet_inputs(c.unet.cfg)
@@ -137,7 +137,7 @@ def test_fused_lora_linear_equals_the_plain_formula(dtype, bias):
     (bf16: within 1% of each tensor's largest value)."""
     g = torch.Generator().manual_seed(0)
     base = torch.nn.Linear(24, 40, bias=bias).to(dtype).requires_grad_(False)
-    layer = lora.LoRALinear(base, rank=4, alpha=2.0)
+    layer = networks.LoRALinear(base, rank=4, alpha=2.0)
     with torch.no_grad():
         layer.lora_up.weight.normal_(generator=g)
     layer.multiplier = 0.7
@@ -177,14 +177,14 @@ def test_full_size_names_are_kohyas_and_hit_real_checkpoint_keys():
     with torch.device("meta"):
         models = {"sdxl": UNet(UNetConfig.sdxl()), "sd15": UNet(UNetConfig.sd15()),
                   "te1": CLIPTextModel(CLIPTextConfig.clip_l()), "te2": OpenCLIPTextModel(OpenCLIPTextConfig.bigg())}
-    counts = {k: len(lora.inject(m, "te1" if k == "te1" else k if k == "te2" else "unet", 8, 8.0).loras)
+    counts = {k: len(networks.inject(m, "te1" if k == "te1" else k if k == "te2" else "unet", 8, 8.0).loras)
               for k, m in models.items()}
     assert counts == {"sdxl": 722, "sd15": 192, "te1": 72, "te2": 192}
 
     for family in ("sdxl", "sd15"):
         with torch.device("meta"):
             unet = UNet(getattr(UNetConfig, family)())
-        net = lora.inject(unet, "unet", 8, 8.0, conv_rank=4)
+        net = networks.inject(unet, "unet", 8, 8.0, conv_rank=4)
         real = dict(json.loads((fixtures / f"keys_unet_{family}.json").read_text())["keys"])
         names = {"lora_unet_" + k[: -len(".weight")].replace(".", "_"): k for k in real if k.endswith(".weight")}
         if family == "sd15":
@@ -316,7 +316,7 @@ def test_diffusers_loads_our_file(family, tmp_path):
     randomize(nets.values())
     ours = outputs(c)
     path = tmp_path / "ours.safetensors"
-    lora.save_lora(path, list(nets.values()), dtype=torch.float32)
+    networks.save_lora(path, list(nets.values()), dtype=torch.float32)
 
     state, alphas = pipe.lora_state_dict(str(path), unet_config=refs["unet"].config)
     pipe.load_lora_into_unet(state, alphas, unet=refs["unet"])
@@ -430,7 +430,7 @@ def test_comfyui_maps_every_key_and_patches_the_same_weights(family, tmp_path):
     randomize(nets.values())
     ours = outputs(c)
     path = tmp_path / "ours.safetensors"
-    lora.save_lora(path, list(nets.values()), dtype=torch.float32)
+    networks.save_lora(path, list(nets.values()), dtype=torch.float32)
     with safe_open(str(path), "pt") as f:
         file = {k: f.get_tensor(k) for k in f.keys()}
 
