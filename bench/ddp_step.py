@@ -7,7 +7,7 @@ on every rank on synthetic latents, with the LoRA gradients averaged across rank
 - default: the UNet in DDP (eridiffusion.distributed.wrap_ddp, as `eri train` does),
   bucketed all-reduce overlapping the backward; one process runs without DDP, as training does;
 - `--graph`: no DDP; forward + backward + one flat NCCL all-reduce of the LoRA grads +
-  AdamW captured in one CUDA graph (eridiffusion.speed.GraphedStep). Needs NCCL ≥ 2.9.6;
+  AdamW captured in one CUDA graph (bench/steps.py GraphedStep). Needs NCCL ≥ 2.9.6;
   TORCH_NCCL_ASYNC_ERROR_HANDLING=0 is set before the group is created, as PyTorch's
   CUDA-graph notes ask for collectives inside a capture.
 
@@ -34,9 +34,10 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench.train_step import ATTN_TARGETS, CONTEXT, LATENT  # noqa: E402
-from eridiffusion import distributed, lora  # noqa: E402
+from bench.steps import compile_stages, training_step  # noqa: E402
+from eridiffusion import distributed, networks  # noqa: E402
 from eridiffusion.models.unet import UNet, UNetConfig, sdxl_vector  # noqa: E402
-from eridiffusion.speed import optimize_for_training, training_step  # noqa: E402
+from eridiffusion.speed import optimize_for_training  # noqa: E402
 
 TINY_LATENT = 16  # 128² images for the tiny UNet
 POOLED = 1280
@@ -67,10 +68,12 @@ def build(args, w: distributed.World):
         unet = UNet(cfg)
     unet.to(dtype).requires_grad_(False)
     targets = None if args.tiny else ATTN_TARGETS
-    net = lora.inject(unet, "unet", rank=args.rank, alpha=args.rank, targets=targets)
+    net = networks.inject(unet, "unet", rank=args.rank, alpha=args.rank, targets=targets)
     net.to(device)
     unet.gradient_checkpointing = args.checkpointing
-    optimize_for_training(unet, compile=args.compile, scope=args.scope)
+    optimize_for_training(unet, compile=args.compile and args.scope == "blocks")
+    if args.compile and args.scope == "stages":
+        compile_stages(unet)
     params = net.lora_parameters()
     if args.ddp_always and not torch.distributed.is_initialized():
         raise SystemExit("bench/ddp_step.py: --ddp-always needs a process group; launch with torchrun")

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 
 ATTN_TARGETS = ["*.to_q", "*.to_k", "*.to_v", "*.to_out.0"]
 LATENT = 128  # 1024² images
@@ -36,11 +37,11 @@ class Case:
     batch: int
     compile: bool = False
     checkpointing: bool = False
-    scope: str = "blocks"  # regional compile scope (eridiffusion.speed.SCOPES)
+    scope: str = "blocks"  # regional compile scope: "blocks" (eridiffusion.speed) or "stages" (bench/steps.py)
     channels_last: bool = False
     attn: str = "auto"  # SDPA backend priority
     mode: str | None = None  # torch.compile mode
-    graph: bool = False  # capture forward+backward+AdamW in one CUDA graph (eridiffusion.speed.GraphedStep)
+    graph: bool = False  # capture forward+backward+AdamW in one CUDA graph (bench/steps.py GraphedStep)
     graph_backward: bool = False  # graph forward+backward only, AdamW eager: what `eri train` does (GraphedBackward)
     memory_budget: float | None = None  # torch._functorch activation_memory_budget for the compiled regions
     fused_qkv: bool = False  # self-attention q, k, v (and their LoRA) as one GEMM (eridiffusion.speed.fuse_qkv)
@@ -130,44 +131,53 @@ def inputs(batch: int, seed: int = 0, channels_last: bool = False):
 
 # ---------------------------------------------------------------- eridiffusion
 def build_ours(case: Case):
-    from eridiffusion import lora
+    """Our step as `eri train` runs it: `eridiffusion.train.TrainStep` (its micro-step's
+    forward + backward; with graph_backward the whole TrainStep, optimizer and clipping eager)."""
+    import itertools
+
+    from eridiffusion import networks
+    from eridiffusion.families import FAMILIES
     from eridiffusion.models.unet import UNet, UNetConfig, sdxl_vector
-    from eridiffusion.speed import GraphedBackward, attention_priority, optimize_for_training, training_step
+    from eridiffusion.speed import optimize_for_training
+    from eridiffusion.train import TrainStep
+    from eridiffusion.train.batches import Batch
+    from steps import attention_priority, compile_stages, training_step
 
     torch.manual_seed(0)
     with torch.device("cuda"):
         unet = UNet(UNetConfig.sdxl())
     unet.to(torch.bfloat16).requires_grad_(False)
-    net = lora.inject(unet, "unet", rank=16, alpha=16, targets=ATTN_TARGETS)
+    net = networks.inject(unet, "unet", rank=16, alpha=16, targets=ATTN_TARGETS)
     net.to("cuda")
     unet.gradient_checkpointing = case.checkpointing
     unet.train()
-    forward = optimize_for_training(unet, compile=case.compile, scope=case.scope, channels_last=case.channels_last,
+    stages = case.compile and case.scope == "stages"
+    forward = optimize_for_training(unet, compile=case.compile and not stages, channels_last=case.channels_last,
                                     mode=case.mode, fused_qkv=case.fused_qkv, dynamic=case.dynamic)
+    if stages:
+        compile_stages(unet, mode=case.mode, dynamic=case.dynamic)
     params = net.lora_parameters()
     opt = torch.optim.AdamW(params, lr=1e-4, fused=True, capturable=case.graph)
+    family = FAMILIES["sdxl"]
+    train_step = TrainStep(family, forward, params, opt, prediction="epsilon", max_grad_norm=1.0,
+                           cuda_graph=case.graph_backward, device=torch.device("cuda"))
 
-    def fwd_bwd(x, t, ctx, pooled, time_ids, target):
+    def fwd_bwd(x, t, ctx, pooled, time_ids, target):  # x: x0, target: the noise (epsilon target)
         with attention_priority(case.attn):
-            y = sdxl_vector(pooled, time_ids).to(x.dtype)
-            loss = F.mse_loss(forward(x, t, ctx, y).float(), target.float())
-            loss.backward()
-        return loss.detach()
+            return train_step.micro_step(x, time_ids, t, target, ctx, pooled)
 
     def body(*tensors):
         loss = fwd_bwd(*tensors)
         opt.step()
         return loss
 
-    if case.graph_backward:  # as eri train with train.cuda_graph: the optimizer runs eagerly
-        graphed = GraphedBackward(fwd_bwd, params)
+    if case.graph_backward:  # the whole TrainStep as eri train runs it with train.cuda_graph
+        noise_gen = torch.Generator("cuda").manual_seed(0)
 
-        def step(*tensors):
-            loss = graphed(*tensors)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=False)
-            return loss
+        def step(x, t, ctx, pooled, time_ids, target):
+            batch = Batch(x, {"context": ctx, "pooled": pooled}, time_ids, slice(None), x.shape[0], 1.0)
+            with attention_priority(case.attn):
+                return train_step(itertools.repeat(batch), noise_gen).loss
     else:
         step = training_step(body, params, opt, graph=case.graph)
 

@@ -9,41 +9,22 @@ dtype/device and assigned (``assign=True``): no random init, no full fp32 copy i
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import safetensors.torch
 import torch
 from torch import nn
 
+from eridiffusion.families import FAMILIES, Components, Family
+from eridiffusion.families.sd import unet_signature
+from eridiffusion.errors import ConfigError
 from eridiffusion.io import atomic_write
-from eridiffusion.models.clip import CLIPTextConfig, CLIPTextModel, OpenCLIPTextConfig, OpenCLIPTextModel
-from eridiffusion.models.unet import UNet, UNetConfig
-from eridiffusion.models.vae import AutoencoderKL, VAEConfig
 from eridiffusion.weights import ShapeMismatch, WeightError, WeightLoader
 
-PARTS = ("unet", "vae", "te1", "te2")
-MODEL_CLASSES: dict[str, type[nn.Module]] = {
-    "unet": UNet,
-    "vae": AutoencoderKL,
-    "te1": CLIPTextModel,
-    "te2": OpenCLIPTextModel,
-}
-
-SDXL_PREFIXES = {
-    "unet": "model.diffusion_model.",
-    "vae": "first_stage_model.",
-    "te1": "conditioner.embedders.0.transformer.",  # then text_model.… (HF CLIPTextModel)
-    "te2": "conditioner.embedders.1.model.",  # open_clip layout
-}
-SD15_PREFIXES = {
-    "unet": "model.diffusion_model.",
-    "vae": "first_stage_model.",
-    "te1": "cond_stage_model.transformer.",
-}
+PARTS = ("unet", "vae", "te1", "te2")  # every part name a family may have, in load order
 
 # Keys a released checkpoint carries that no part loads: (pattern, families or None = all, why).
 _DDPM_BUFFERS = (
@@ -87,12 +68,6 @@ class FamilyMismatch(WeightError):
         )
 
 
-_SD1_FILES = dict(
-    architecture="stable-diffusion-v1", implementation="diffusers", lora_parts={"unet": "unet", "te": "te1"},
-    unet_lora_naming="diffusers",
-)
-
-
 class KeyMismatch(WeightError):
     def __init__(self, file: str | os.PathLike, part: str, missing: list[str], unexpected: list[str]):
         self.file, self.part = str(file), part
@@ -109,85 +84,6 @@ class KeyMismatch(WeightError):
         )
 
 
-@dataclass(frozen=True)
-class Family:
-    """One supported model family: the configs of its parts and where they sit in the file."""
-
-    name: str
-    title: str
-    unet: UNetConfig
-    vae: VAEConfig
-    te1: CLIPTextConfig
-    te2: OpenCLIPTextConfig | None
-    prefixes: dict[str, str] = field(hash=False)
-    base_model_version: str  # kohya `ss_base_model_version`
-    prediction: str = "epsilon"
-    # SAI model spec `modelspec.architecture` of the base model (LoRA files add "/lora") and
-    # `modelspec.implementation` (kohya: SDXL LoRAs are sgm-named, SD1.x LoRAs diffusers-named)
-    architecture: str = "stable-diffusion-xl-v1-base"
-    implementation: str = "https://github.com/Stability-AI/generative-models"
-    # kohya LoRA prefix kind -> the part it adapts; the UNet's LoRA names: "ldm" or "diffusers"
-    lora_parts: dict[str, str] = field(default_factory=lambda: {"unet": "unet", "te1": "te1", "te2": "te2"}, hash=False)
-    unet_lora_naming: str = "ldm"
-
-    @classmethod
-    def sdxl(cls) -> Family:
-        return cls(
-            "sdxl", "SDXL", UNetConfig.sdxl(), VAEConfig.sdxl(), CLIPTextConfig.clip_l(), OpenCLIPTextConfig.bigg(),
-            prefixes=SDXL_PREFIXES, base_model_version="sdxl_base_v1-0",
-        )
-
-    @classmethod
-    def sd15(cls) -> Family:
-        return cls(
-            "sd15", "SD1.5", UNetConfig.sd15(), VAEConfig.sd15(), CLIPTextConfig.clip_l(), None,
-            prefixes=SD15_PREFIXES, base_model_version="sd_v1", **_SD1_FILES,
-        )
-
-    @classmethod
-    def sdxl_tiny(cls) -> Family:
-        return cls(
-            "sdxl-tiny", "SDXL", UNetConfig.tiny(), VAEConfig.tiny(), CLIPTextConfig.tiny(), OpenCLIPTextConfig.tiny(),
-            prefixes=SDXL_PREFIXES, base_model_version="sdxl_base_v1-0",
-        )
-
-    @classmethod
-    def sd15_tiny(cls) -> Family:
-        vae = dataclasses.replace(VAEConfig.tiny(), scaling_factor=VAEConfig.sd15().scaling_factor)
-        return cls(
-            "sd15-tiny", "SD1.5", UNetConfig.tiny_sd15(), vae, CLIPTextConfig.tiny(), None,
-            prefixes=SD15_PREFIXES, base_model_version="sd_v1", **_SD1_FILES,
-        )
-
-    @property
-    def parts(self) -> tuple[str, ...]:
-        return tuple(p for p in PARTS if getattr(self, p) is not None)
-
-    def build(self, part: str, device: torch.device | str | None = None) -> nn.Module:
-        """A fresh `part` model; on `device="meta"` nothing is allocated or initialised."""
-        with torch.device(device or "cpu"):
-            return MODEL_CLASSES[part](getattr(self, part))
-
-
-FAMILIES: dict[str, Family] = {
-    f.name: f for f in (Family.sdxl(), Family.sd15(), Family.sdxl_tiny(), Family.sd15_tiny())
-}
-
-
-@dataclass
-class Components:
-    """The loaded parts of one checkpoint (te2 is None for SD1.5, any part None if not loaded)."""
-
-    family: Family
-    unet: UNet | None = None
-    vae: AutoencoderKL | None = None
-    te1: CLIPTextModel | None = None
-    te2: OpenCLIPTextModel | None = None
-
-    def items(self) -> list[tuple[str, nn.Module]]:
-        return [(p, getattr(self, p)) for p in PARTS if getattr(self, p) is not None]
-
-
 # -- detection ------------------------------------------------------------------------
 def lora_modules(keys) -> list[str]:
     """Names of kohya / LyCORIS modules (`lora_unet_…`, `lora_te1_…`, …) among `keys`, sorted: a
@@ -199,7 +95,6 @@ def lora_modules(keys) -> list[str]:
 
 
 _UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
-_UNET_ADM = "model.diffusion_model.label_emb.0.0.weight"
 
 
 def _describe_unknown(keys: list[str]) -> str:
@@ -226,16 +121,12 @@ def detect(loader: WeightLoader) -> Family:
     lora = lora_modules(keys)
     if lora:
         raise NotAModel(loader.path, f"is a LoRA file ({len(lora)} modules), not a base model; pass it with --lora")
+    for fam in FAMILIES.values():
+        if fam.matches(loader):
+            return fam
     if _UNET_IN not in loader:
         raise NotAModel(loader.path, _describe_unknown(keys))
-    channels, in_channels = loader.shape(_UNET_IN)[:2]
-    to_k = next((k for k in keys if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")), None)
-    context = loader.shape(to_k)[1] if to_k else None
-    adm = loader.shape(_UNET_ADM)[1] if _UNET_ADM in loader else None
-    for fam in FAMILIES.values():
-        u = fam.unet
-        if (u.model_channels, u.in_channels, u.context_dim, u.adm_in_channels) == (channels, in_channels, context, adm):
-            return fam
+    channels, in_channels, context, adm = unet_signature(loader)
     found = f"a UNet with model_channels {channels}, in_channels {in_channels}, context dim {context}, adm {adm}"
     if context == 1024:
         hint = "context dim 1024 = SD2.x, unsupported"
@@ -301,9 +192,10 @@ def load(
     if unknown:
         raise ValueError(f"load: unknown parts {sorted(unknown)}; choose from {PARTS}")
     if family is not None and family not in FAMILIES:
-        raise ValueError(f"load: unknown family {family!r}; choose from {sorted(FAMILIES)}")
+        raise ConfigError(f"model.family = {family!r} is unknown; choose from {', '.join(sorted(FAMILIES))}")
     with WeightLoader(path, allow_pickle=allow_pickle) as loader:
-        fam = detect(loader)
+        asked = FAMILIES.get(family) if family is not None else None
+        fam = asked if asked is not None and asked.matches(loader) else detect(loader)
         if family is not None and family != fam.name:
             raise FamilyMismatch(loader.path, fam.name, family)
         models = {p: fam.build(p, "meta") for p in fam.parts if p in parts}

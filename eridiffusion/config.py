@@ -34,7 +34,7 @@ else:  # pragma: no cover - exercised on 3.10 only
 @dataclass(frozen=True)
 class ModelConfig:
     path: str = ""  # single-file checkpoint (.safetensors)
-    family: Literal["auto", "sdxl", "sd15", "sdxl-tiny", "sd15-tiny"] = "auto"
+    family: str = "auto"  # "auto" (from the file) or a name in eridiffusion.families.FAMILIES
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # frozen weights; LoRA params stay fp32
     allow_pickle: bool = False
 
@@ -138,7 +138,8 @@ class LoRAConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    optimizer: str = "adamw"  # a name in eridiffusion.optim.OPTIMIZERS
+    args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the optimizer (its own names)
     unet_lr: float = 1e-4
     text_encoder_lr: float = 5e-5
     weight_decay: float = 0.01
@@ -306,6 +307,8 @@ class TrainConfig:
             ("lora.conv_rank", lo.conv_rank >= 0, ">= 0 (0 = off)"),
             ("lora.conv_alpha", lo.conv_alpha >= 0, ">= 0 (0 = same as conv_rank)"),
             ("lora.dropout", 0.0 <= lo.dropout < 1.0, "in [0, 1)"),
+            ("model.family", self.model.family in ("auto", *_families()), f"auto or one of {', '.join(_families())}"),
+            ("optim.optimizer", o.optimizer in _optimizers(), f"one of {', '.join(_optimizers())}"),
             ("optim.unet_lr", o.unet_lr >= 0, ">= 0"),
             ("optim.text_encoder_lr", o.text_encoder_lr >= 0, ">= 0"),
             ("optim.weight_decay", o.weight_decay >= 0, ">= 0"),
@@ -439,6 +442,8 @@ def _type_name(tp: Any) -> str:
         if len(args) == 2 and args[1] is Ellipsis:
             return f"a list of {plural[args[0]]}"
         return f"a list of {len(args)} {plural[args[0]]}"
+    if typing.get_origin(tp) is dict:
+        return "a table, e.g. {name = value}"
     return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[tp]
 
 
@@ -476,6 +481,10 @@ def _coerce(tp: Any, value: Any) -> Any:
         if isinstance(value, str):
             return value
         raise TypeError
+    if typing.get_origin(tp) is dict:  # a TOML table of plain values, checked by its user
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
+        raise TypeError
     raise TypeError(f"unsupported config type {tp}")
 
 
@@ -496,6 +505,18 @@ def _build_section(cls: type, section: str, values: dict[str, Any], source: str)
                 f"{source}: {section}.{name} expects {_type_name(hints[name])}, got {_toml_value(_plain(value))}"
             ) from None
     return cls(**kwargs)
+
+
+def _families() -> tuple[str, ...]:
+    from eridiffusion.families import FAMILIES
+
+    return tuple(FAMILIES)
+
+
+def _optimizers() -> tuple[str, ...]:
+    from eridiffusion.optim import OPTIMIZERS  # the registry imports torch: only when validating
+
+    return tuple(OPTIMIZERS)
 
 
 def _is_file_stem(name: str) -> bool:

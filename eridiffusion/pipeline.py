@@ -1,7 +1,7 @@
 """Text to image: prompts → text encoders → sampler with CFG → VAE decode → PIL images.
 
-    prompt ─► CLIPTokenizer(s) ─► te1 (+ te2) ─► context (B, 77, D), pooled (SDXL)
-    SDXL:  y = sdxl_vector(pooled, time_ids), time_ids = [h, w, 0, 0, h, w]
+    prompt ─► family.text_encoder ─► context (B, 77, D) (+ pooled for SDXL)
+    family.denoiser_inputs(text, family.time_ids(size)) ─► UNet keywords (SDXL: y from pooled + size)
     noise (CPU generator per image: seed, seed+1, …) ─► SAMPLERS[name](cfg_model(Denoiser(unet)))
     latents / scaling_factor ─► VAE decode (tiled above TILE_ABOVE) ─► uint8 ─► PIL
 
@@ -33,10 +33,9 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from torch import Tensor, nn
 
-from eridiffusion import __version__, checkpoint, diffusion, networks, samplers, speed
+from eridiffusion import __version__, checkpoint, networks, samplers, speed
 from eridiffusion.io import atomic_write
-from eridiffusion.models.tokenizer import CLIPTokenizer
-from eridiffusion.models.unet import sdxl_vector
+from eridiffusion.devices import DTYPES, resolve_device
 from eridiffusion.errors import PipelineError
 
 TILE_ABOVE = 128 * 128  # latent pixels (1024² images) above which the VAE decodes in tiles
@@ -68,18 +67,16 @@ class Pipeline:
 
     def __init__(self, components: checkpoint.Components, loras: Sequence[tuple[str | os.PathLike, float]] = (),
                  merge_loras: bool = False, prediction: str | None = None):  # fmt: skip
-        missing = [p for p in ("unet", "vae", "te1") if getattr(components, p) is None]
-        if components.family.te2 is not None and components.te2 is None:
-            missing.append("te2")
+        missing = [p for p in components.family.parts if getattr(components, p) is None]
         if missing:
             raise PipelineError(f"Pipeline: components lack {', '.join(missing)}; load them with checkpoint.load(parts=...)")
         self.family = components.family
         self.prediction = prediction or components.family.prediction  # "epsilon" or "v_prediction"
-        self.unet, self.vae, self.te1, self.te2 = components.unet, components.vae, components.te1, components.te2
+        self.unet, self.vae = components.unet, components.vae
         if self.vae.dtype == torch.float16:
             self.vae.float()
-        self.tok1 = CLIPTokenizer()
-        self.tok2 = CLIPTokenizer(pad_token_id=0) if self.te2 is not None else None
+        self.text_encoder = components.family.text_encoder(components)  # prompts -> conditioning
+        self.text_modules = components.text_modules()  # for their train/eval mode
         self.networks: dict[str, networks.LoRANetwork] = {}
         if loras:
             files, scales = [p for p, _ in loras], [s for _, s in loras]
@@ -104,27 +101,27 @@ class Pipeline:
 
     @property
     def multiple(self) -> int:
-        """Image sides must be multiples of this: VAE factor · 2^(UNet levels − 1)."""
-        return self.family.vae.factor * 2 ** (len(self.family.unet.channel_mult) - 1)
+        """Image sides must be multiples of this (the family's bucket multiple)."""
+        return self.family.bucket_multiple
+
+    def drop_text_encoders(self) -> None:
+        """Forget the text encoders (after encoding what is needed) so their memory can be freed."""
+        self.text_encoder, self.text_modules = None, []
 
     # -- text ------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> dict[str, Tensor]:
-        """Prompts → {"context": (B, 77, D)} and, for SDXL, "pooled": (B, P). Prompts longer
-        than 75 tokens are truncated (no A1111-style chunking)."""
-        device = _device_of(self.te1)
-        out1 = self.te1(self.tok1(prompts).to(device))
-        if self.te2 is None:
-            return {"context": out1.last}
-        out2 = self.te2(self.tok2(prompts).to(_device_of(self.te2)))
-        context = torch.cat([out1.hidden, out2.hidden.to(out1.hidden.dtype)], dim=-1)  # (B, 77, D1 + D2)
-        return {"context": context, "pooled": out2.pooled}
+        """Prompts → the family's conditioning (`family.cond_keys`: context (B, 77, D), and
+        for SDXL pooled (B, P))."""
+        if self.text_encoder is None:
+            raise PipelineError("Pipeline: the text encoders were dropped; encode the prompts before drop_text_encoders()")
+        return self.text_encoder(prompts)
 
     def encode(self, prompts: list[str], negative: str = "") -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """(cond, uncond) text outputs, one row per prompt; see the module docstring for the
         empty negative (zeros for SDXL, the encoded "" for SD1.5)."""
         cond = self.encode_text(prompts)
-        if negative == "" and self.te2 is not None:
+        if negative == "" and self.family.empty_negative == "zeros":
             uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
         else:
             one = self.encode_text([negative])
@@ -132,16 +129,12 @@ class Pipeline:
         return cond, uncond
 
     def unet_inputs(self, text: dict[str, Tensor], size: tuple[int, int]) -> Cond:
-        """Text outputs → UNet keywords; SDXL micro-conditioning with original = target = size
-        and crop (0, 0) (SDXL paper, section 2.2; `time_ids` = [h, w, top, left, h, w])."""
-        if "pooled" not in text:
-            return {"context": text["context"]}
-        w, h = size
-        pooled = text["pooled"]
-        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=pooled.device)
-        time_ids = time_ids.expand(pooled.shape[0], 6)  # (B, 6)
-        y = sdxl_vector(pooled.float(), time_ids, self.family.unet.addition_time_embed_dim)
-        return {"context": text["context"], "y": y}
+        """Text outputs → the denoiser's keywords, with the family's micro-conditioning for
+        `size` (SDXL: original = target = size, crop (0, 0))."""
+        text = {k: v.float() for k, v in text.items()}  # the size embedding in fp32; the UNet casts back
+        context = text["context"]
+        time_ids = self.family.time_ids(size, context.shape[0], context.device)
+        return self.family.denoiser_inputs(text, time_ids)
 
     # -- sampling --------------------------------------------------------------------------
     def check_size(self, size: tuple[int, int]) -> None:
@@ -168,7 +161,7 @@ class Pipeline:
             raise PipelineError(f"generate: {len(seeds)} seeds for {cond['context'].shape[0]} prompts; give one per image")
         device, (w, h) = self.device, size
         f = self.family.vae.factor
-        ac = diffusion.alphas_cumprod(diffusion.scaled_linear_betas()).to(device)
+        ac = self.family.schedule(device)
         sigmas = samplers.sigmas_for(steps, ac, karras=karras, sampler=sampler)
         net = speed.GraphedForward(self.unet) if device.type == "cuda" else self.unet  # no launch overhead
         denoiser = samplers.Denoiser(net, ac, self.prediction, quantize=karras and sampler == "dpmpp_2m")
@@ -329,20 +322,6 @@ def parse_lora(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError(f"--device {name} but no CUDA device is available: use --device cpu")
-    return device
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def sample_files(model: str | os.PathLike, prompts: Sequence[str], out: str | os.PathLike, negative: str = "",
                  steps: int = 30, cfg: float = 7.0, sampler: str = "dpmpp_2m", karras: bool = False,
                  seed: int = 0, size: tuple[int, int] | None = None, batch: int = 1,
@@ -358,13 +337,13 @@ def sample_files(model: str | os.PathLike, prompts: Sequence[str], out: str | os
             raise PipelineError(f"--lora {path}: file not found; pass FILE[:SCALE] with an existing .safetensors file")
     if batch < 1:
         raise PipelineError(f"--batch {batch} is invalid: use 1 or more")
-    dev = resolve_device(device)
+    dev = resolve_device(device, "--device", prefer_mps=True)
     dtype = ("bf16" if dev.type == "cuda" else "fp32") if dtype == "auto" else dtype
     if dtype not in DTYPES:
         raise PipelineError(f"--dtype {dtype} is unknown: use auto, bf16, fp16 or fp32")
     log(f"loading {model} ({dtype}) on {dev}")
     pipe = Pipeline.from_checkpoint(model, dev, DTYPES[dtype], loras, allow_pickle)
-    size = size or ((1024, 1024) if pipe.te2 is not None else (512, 512))
+    size = size or pipe.family.default_size
     pipe.check_size(size)
     lora_info = tuple((Path(p).name, sha256_prefix(p), float(s)) for p, s in loras)
     base = dict(negative=negative, sampler=sampler, karras=karras, steps=steps, cfg=float(cfg), size=tuple(size),
@@ -413,11 +392,11 @@ class Validation:
         self.text: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
         if encode_now:
             self.text = self.pipe.encode(list(cfg.prompts), cfg.negative)
-            self.pipe.te1 = self.pipe.te2 = None
+            self.pipe.drop_text_encoders()
 
     def render(self) -> Image.Image:
         c, pipe = self.cfg, self.pipe
-        modes = [(m, m.training) for m in (pipe.te1, pipe.te2) if m is not None]
+        modes = [(m, m.training) for m in pipe.text_modules]
         try:
             for m, _ in modes:
                 m.eval()
@@ -448,8 +427,3 @@ class Validation:
 
             writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
         return path
-
-
-def validation_grid(components: checkpoint.Components, cfg, step: int, out_dir: str | os.PathLike, writer=None) -> Path:
-    """One-shot `Validation(components, cfg, out_dir)(step, writer)`: `cfg` is the `[sample]` section."""
-    return Validation(components, cfg, out_dir)(step, writer)

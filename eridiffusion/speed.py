@@ -7,11 +7,8 @@ B-parameter graph, and the eager Python left between regions is a few dozen call
 Gradient checkpointing wraps the compiled body from outside: backward reruns the compiled
 forward and keeps only the block's inputs (a checkpoint traced inside the graph lets the
 partitioner keep more: 22 GiB instead of 12 at SDXL batch 8).
-
-Scopes:
-- "blocks": every ResBlock and BasicTransformerBlock (fewest distinct graphs).
-- "stages": every `input_blocks.i` / `middle_block` / `output_blocks.i` whole, so the
-  GroupNorm / proj_in / reshapes around the transformer blocks are fused too.
+The regions are every ResBlock and BasicTransformerBlock (fewest distinct graphs); the
+benchmark's "stages" scope (whole `input_blocks.i`) lives in bench/steps.py.
 """
 from __future__ import annotations
 
@@ -22,7 +19,7 @@ from torch import nn
 
 from .models.unet import BasicTransformerBlock, CrossAttention, ResBlock, UNet
 
-SCOPES = ("none", "blocks", "stages")
+SCOPES = ("none", "blocks")
 
 
 def set_fast_math() -> None:
@@ -44,18 +41,12 @@ def compile_regions(
         raise ValueError(f"compile scope {scope!r} unknown; use one of {SCOPES}")
     if scope == "none":
         return 0
-    if scope == "blocks":
-        regions = [m for m in unet.modules() if isinstance(m, (ResBlock, BasicTransformerBlock))]
-    else:
-        regions = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+    regions = [m for m in unet.modules() if isinstance(m, (ResBlock, BasicTransformerBlock))]
     # SDXL has 14 differently shaped ResBlocks; past torch's default of 8 graphs per function
     # the rest would run eagerly, silently.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(regions))
-    for m in regions:
-        if scope == "blocks":  # the block body: a checkpoint around it stays outside the graph
-            m._forward = torch.compile(m._forward, backend=backend, mode=mode, dynamic=dynamic)
-        else:
-            m.compile(backend=backend, mode=mode, dynamic=dynamic)
+    for m in regions:  # the block body: a checkpoint around it stays outside the graph
+        m._forward = torch.compile(m._forward, backend=backend, mode=mode, dynamic=dynamic)
     return len(regions)
 
 
@@ -67,20 +58,6 @@ def activation_budget(fraction: float = 1.0):
     if fraction >= 1.0:
         return contextlib.nullcontext()
     return torch._functorch.config.patch(activation_memory_budget=fraction)
-
-
-def attention_priority(backend: str = "auto"):
-    """Context manager choosing the SDPA kernel ("auto", "cudnn", "flash", "efficient")."""
-    if backend == "auto":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    order = {
-        "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
-        "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION],
-        "efficient": [SDPBackend.EFFICIENT_ATTENTION],
-    }[backend]
-    return sdpa_kernel(order, set_priority=True)
 
 
 def fuse_qkv(unet: UNet, on: bool = True) -> int:
@@ -148,67 +125,6 @@ class _Replayed:
             s.copy_(t)
         graph.replay()
         return loss
-
-
-class GraphedStep(_Replayed):
-    """A whole training step (forward, backward, optimizer) captured in a CUDA graph.
-
-    Host overhead (Python, kernel launches, LoRA wrappers, compiled-region guards) is paid
-    once at capture; each later step copies its inputs into static buffers and replays the
-    graph. One graph per input signature (bucket shape). `fn(*tensors) -> loss` must run
-    forward + backward + `optimizer.step()` and must not zero the gradients (they are
-    written, not accumulated, by the captured backward). The optimizer must be
-    capturable (`fused=True, capturable=True`; a changing LR as a CUDA tensor).
-
-    Warm-up steps before capture would change the weights; the parameters and optimizer
-    state are snapshotted before and restored after, so step N of a graphed run is step N
-    of an eager one.
-    """
-
-    def __init__(self, fn, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, warmup: int = 2):
-        self.fn, self.params, self.optimizer, self.warmup = fn, params, optimizer, warmup
-        self.graphs: dict[tuple, tuple[list[torch.Tensor], torch.Tensor, torch.cuda.CUDAGraph]] = {}
-
-    def _state_tensors(self) -> list[torch.Tensor]:
-        state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
-        return list(self.params) + state
-
-    def _body(self, *tensors: torch.Tensor) -> torch.Tensor:
-        loss = self.fn(*tensors)
-        for p in self.params:  # the next warm-up / the capture starts from no gradient
-            p.grad = None
-        return loss
-
-    def _capture(self, tensors: tuple[torch.Tensor, ...]):
-        static_in = [t.clone() for t in tensors]
-        for p in self.params:
-            p.grad = None
-        if not self.optimizer.state:  # materialise the optimizer state outside the graph
-            for p in self.params:
-                p.grad = torch.zeros_like(p)
-            saved = [t.detach().clone() for t in self.params]
-            self.optimizer.step()
-            with torch.no_grad():
-                for t, s in zip(self.params, saved):
-                    t.copy_(s)
-                for st in self.optimizer.state.values():
-                    for v in st.values():
-                        if torch.is_tensor(v):
-                            v.zero_()
-            for p in self.params:
-                p.grad = None
-        snapshot = [t.detach().clone() for t in self._state_tensors()]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self._body(*static_in)
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.no_grad():
-            for t, s in zip(self._state_tensors(), snapshot):
-                t.copy_(s)
-        graph, loss = _capture(self.fn, static_in, {}, warmup=0)
-        return static_in, loss, graph
 
 
 class GraphedBackward(_Replayed):
@@ -284,20 +200,6 @@ class GraphedForward:
                 static_kwargs[k].copy_(v)
         graph.replay()
         return out.clone()
-
-
-def training_step(body, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, graph: bool = False):
-    """`body(*tensors) -> loss` runs forward, backward and `optimizer.step()`; the returned
-    callable runs it eagerly and zeroes the gradients, or replays it from a CUDA graph."""
-    if graph:
-        return GraphedStep(body, params, optimizer)
-
-    def step(*tensors: torch.Tensor) -> torch.Tensor:
-        loss = body(*tensors)
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    return step
 
 
 # ---------------------------------------------------------------- the VAE (inference)

@@ -66,7 +66,7 @@ def _outputs(c, dtype=torch.float32):
 
 
 def test_family_table():
-    assert set(FAMILIES) == {"sdxl", "sd15", "sdxl-tiny", "sd15-tiny"}
+    assert set(FAMILIES) == {"sdxl", "sd15", "sdxl-tiny", "sd15-tiny", "sdxl-micro"}
     xl, sd = FAMILIES["sdxl"], FAMILIES["sd15"]
     assert xl.prefixes == {
         "unet": "model.diffusion_model.",

@@ -113,7 +113,7 @@ def test_slices_cover_the_global_batch_and_weights_give_its_mean(world):
 def test_auto_device_is_this_ranks_gpu_under_torchrun(monkeypatch):
     """train.device=auto (the default) and cuda both mean cuda:LOCAL_RANK; too few GPUs is one line."""
     from eridiffusion.config import ConfigError
-    from eridiffusion.train import resolve_device
+    from eridiffusion.devices import resolve_device
 
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -89,9 +89,10 @@ def test_sdxl_uncond_zero_for_empty_negative_and_encoded_otherwise(sdxl):
     for k in ("context", "pooled"):
         assert torch.equal(neg[k][1], ref[k][0])
     # context = cat(CLIP-L penultimate, bigG penultimate); pooled = bigG pooled
-    ids1 = torch.tensor([[49406, *sdxl.tok1.encode("a cat"), 49407] + [49407] * 73])
-    ids2 = torch.tensor([[49406, *sdxl.tok2.encode("a cat"), 49407] + [0] * 73])
-    o1, o2 = sdxl.te1(ids1), sdxl.te2(ids2)
+    enc = sdxl.text_encoder  # the family's (families/sdxl.py)
+    ids1 = torch.tensor([[49406, *enc.tok1.encode("a cat"), 49407] + [49407] * 73])
+    ids2 = torch.tensor([[49406, *enc.tok2.encode("a cat"), 49407] + [0] * 73])
+    o1, o2 = enc.te1(ids1), enc.te2(ids2)
     assert torch.equal(cond["context"][0], torch.cat([o1.hidden[0], o2.hidden[0]], dim=-1))
     assert torch.equal(cond["pooled"][0], o2.pooled[0])
 
@@ -100,7 +101,8 @@ def test_sd15_uncond_is_the_encoded_empty_string():
     pipe = Pipeline(checkpoint.tiny_components("sd15-tiny", seed=0))
     cond, uncond = pipe.encode(["a cat"], "")
     assert set(cond) == {"context"} and cond["context"].shape == (1, 77, 32)
-    assert torch.equal(uncond["context"], pipe.te1(pipe.tok1([""])).last)
+    enc = pipe.text_encoder  # the family's (families/sd.py)
+    assert torch.equal(uncond["context"], enc.te1(enc.tok1([""])).last)
 
 
 def test_sdxl_time_ids_vector(sdxl):

@@ -120,7 +120,7 @@ def _no_usable_images(root, tmp):
     (tmp / "d" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     (tmp / "d" / "notes.txt").write_text("hello")
     make_dataset(tmp / "d" / "small", n=1, size=16)
-    return [f"data.dir={tmp / 'd'}"]
+    return [f"data.dir={tmp / 'd'}", "data.upscale_small=false"]  # (upscaled by default)
 
 
 def _bad_toml_key(root, tmp):
@@ -205,8 +205,8 @@ def _corrupt_image(d: Path) -> None:
 
 
 COUNTED = {  # case: (damage, a line of the start summary)
-    "missing caption": (_missing_caption, "captions: 1 missing or empty, used the file stem"),
-    "empty caption": (_empty_caption, "captions: 1 missing or empty, used the file stem"),
+    "missing caption": (_missing_caption, "captions: 3 caption file (.txt), 1 file stem"),
+    "empty caption": (_empty_caption, "captions: 3 caption file (.txt), 1 file stem"),
     "non-UTF-8 caption": (_non_utf8_caption, "not UTF-8 (byte 5), undecodable bytes replaced"),
     "corrupt image": (_corrupt_image, "3 images used (3 samples per epoch), 1 skipped"),
 }

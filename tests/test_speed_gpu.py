@@ -1,13 +1,19 @@
 """The optimised training step computes the plain step's losses (CUDA only)."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from eridiffusion import networks
 from eridiffusion.models.unet import UNet, UNetConfig, sdxl_vector
-from eridiffusion.speed import optimize_for_training, training_step
+from eridiffusion.speed import optimize_for_training
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from steps import training_step  # noqa: E402  (bench-only: the whole step in one CUDA graph)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

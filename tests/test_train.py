@@ -20,6 +20,7 @@ from eridiffusion import checkpoint, diffusion, faults
 from eridiffusion.cli import main
 from eridiffusion.config import ConfigError
 from eridiffusion.data.cache import TensorCache
+from eridiffusion.families import FAMILIES
 from eridiffusion.models.clip import CLIPTextModel, OpenCLIPTextModel
 from eridiffusion.models.unet import UNet, UNetConfig, sdxl_vector
 from eridiffusion.models.vae import AutoencoderKL
@@ -70,7 +71,7 @@ def _eval_loss(unet, root, multiplier, networks):
         net.set_multiplier(multiplier)
     unet.eval()
     with torch.no_grad():
-        loss = diffusion_loss(unet, x0, cond, time_ids, t, noise, ac, "epsilon").item()
+        loss = diffusion_loss(FAMILIES["sdxl-tiny"], unet, x0, cond, time_ids, t, noise, ac, "epsilon").item()
     for net in networks.values():
         net.set_multiplier(1.0)
     return loss
@@ -206,7 +207,7 @@ def test_size_conditioning_is_embedded_in_fp32_whatever_the_text_dtype():
     x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     ac = diffusion.alphas_cumprod(diffusion.scaled_linear_betas())
     cond = {"context": torch.randn(2, 77, 96, generator=g).bfloat16(), "pooled": pooled}
-    diffusion_loss(unet, x0, cond, time_ids, torch.tensor([10, 500]), noise, ac, "epsilon")
+    diffusion_loss(FAMILIES["sdxl-tiny"], unet, x0, cond, time_ids, torch.tensor([10, 500]), noise, ac, "epsilon")
     assert torch.equal(unet.y, sdxl_vector(pooled, time_ids, 32))
 
 

@@ -1,0 +1,115 @@
+"""Stable Diffusion 1.x (CompVis ldm layout): one CLIP-L text encoder, UNet with cross-attention.
+
+Conditioning (CompVis `FrozenCLIPEmbedder`, diffusers `StableDiffusionPipeline`): context =
+CLIP-L's last layer after the final norm (B, 77, 768); an empty negative prompt is encoded.
+kohya trains SD1.x on the diffusers UNet, so its LoRA names are diffusers block names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from eridiffusion.families.base import Components, Cond, Family
+from eridiffusion.models.clip import CLIPTextConfig, CLIPTextModel
+from eridiffusion.models.tokenizer import CLIPTokenizer
+from eridiffusion.models.unet import UNet, UNetConfig
+from eridiffusion.models.vae import AutoencoderKL, VAEConfig
+
+PREFIXES = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "te1": "cond_stage_model.transformer.",
+}
+CLASSES: dict[str, type[nn.Module]] = {"unet": UNet, "vae": AutoencoderKL, "te1": CLIPTextModel}
+
+_UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
+_UNET_ADM = "model.diffusion_model.label_emb.0.0.weight"
+
+# Module-path patterns (fnmatch over paths such as "input_blocks.4.1.transformer_blocks.0.attn1.to_q";
+# "*" also crosses dots). With a conv rank (LoCon, kohya's conv_dim): the ResBlock convs and the
+# Downsample `op` / Upsample `conv`; emb_layers.1 (Linear) and the 1×1 skip_connection too.
+UNET_TARGETS = (
+    "*.transformer_blocks.*.attn[12].to_[qkv]",
+    "*.transformer_blocks.*.attn[12].to_out.0",
+    "*.transformer_blocks.*.ff.net.0.proj",
+    "*.transformer_blocks.*.ff.net.2",
+    "*.proj_in",
+    "*.proj_out",
+)
+UNET_CONV_TARGETS = (
+    "*.in_layers.2",
+    "*.out_layers.3",
+    "*.emb_layers.1",
+    "*.skip_connection",
+    "input_blocks.*.0.op",
+    "output_blocks.*.conv",
+)
+TE_TARGETS = ("*.self_attn.[qkv]_proj", "*.self_attn.out_proj", "*.mlp.fc1", "*.mlp.fc2")
+
+
+def unet_signature(loader) -> tuple:
+    """(model_channels, in_channels, context dim, adm channels) of the ldm UNet in a file."""
+    keys = loader.keys()
+    channels, in_channels = loader.shape(_UNET_IN)[:2]
+    to_k = next((k for k in keys if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight")), None)
+    context = loader.shape(to_k)[1] if to_k else None
+    adm = loader.shape(_UNET_ADM)[1] if _UNET_ADM in loader else None
+    return channels, in_channels, context, adm
+
+
+class ClipText:
+    """Prompts → {"context": CLIP-L last layer after the final norm (B, 77, D)}."""
+
+    def __init__(self, te1: nn.Module):
+        self.te1, self.tok1 = te1, CLIPTokenizer()
+
+    def __call__(self, prompts: list[str]) -> Cond:
+        device = next(self.te1.parameters()).device
+        return {"context": self.te1(self.tok1(prompts).to(device)).last}
+
+
+@dataclass(frozen=True)
+class StableDiffusion(Family):
+    @classmethod
+    def sd15(cls) -> StableDiffusion:
+        return cls._make("sd15", UNetConfig.sd15(), VAEConfig.sd15(), CLIPTextConfig.clip_l())
+
+    @classmethod
+    def sd15_tiny(cls) -> StableDiffusion:
+        vae = dataclasses.replace(VAEConfig.tiny(), scaling_factor=VAEConfig.sd15().scaling_factor)
+        return cls._make("sd15-tiny", UNetConfig.tiny_sd15(), vae, CLIPTextConfig.tiny())
+
+    @classmethod
+    def _make(cls, name: str, unet, vae, te1) -> StableDiffusion:
+        return cls(
+            name, "SD1.5", {"unet": unet, "vae": vae, "te1": te1}, CLASSES, PREFIXES,
+            base_model_version="sd_v1", architecture="stable-diffusion-v1", implementation="diffusers",
+            lora_parts={"unet": "unet", "te": "te1"}, unet_lora_naming="diffusers", default_size=(512, 512),
+        )  # fmt: skip
+
+    def matches(self, loader) -> bool:
+        if _UNET_IN not in loader:
+            return False
+        u = self.configs["unet"]
+        return unet_signature(loader) == (u.model_channels, u.in_channels, u.context_dim, u.adm_in_channels)
+
+    @property
+    def bucket_multiple(self) -> int:
+        """VAE factor · 2^(UNet levels − 1): 64 for SD1.5, 32 for SDXL and the tiny variants."""
+        return self.configs["vae"].factor * 2 ** (len(self.configs["unet"].channel_mult) - 1)
+
+    def text_encoder(self, components: Components) -> ClipText:
+        return ClipText(components.te1)
+
+    def lora_targets(self, kind: str, conv: bool = False) -> tuple[str, ...]:
+        if kind == "unet":
+            return UNET_TARGETS + (UNET_CONV_TARGETS if conv else ())
+        return TE_TARGETS
+
+    def time_ids(self, size: tuple[int, int], batch: int, device) -> torch.Tensor | None:
+        """Sampling micro-conditioning for `size` (width, height); SD1.x has none."""
+        return None

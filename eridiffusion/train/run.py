@@ -1,0 +1,302 @@
+"""`train(cfg)`: the LoRA training run, top to bottom.
+
+    setup:  checkpoint ─► frozen UNet / VAE / text encoders; dataset ─► cache (latents, text)
+    adapters on the family's parts (fp32 trainable), speed options, DDP / FSDP under torchrun
+    optimizer (optim.py), sampler, resume
+    loop:   lr schedule ─► TrainStep (micro-steps, clip, NaN guard, optimizer) ─► log, save,
+            previews; SIGINT / SIGTERM / OOM / NaN stop it with a saved state
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eridiffusion import distributed, faults, networks as adapters, optim, pipeline, speed
+from eridiffusion.checkpoint import Components
+from eridiffusion.config import TrainConfig
+from eridiffusion.data.buckets import BucketBatchSampler
+from eridiffusion.devices import DTYPES, resolve_device
+from eridiffusion.errors import ConfigError
+from eridiffusion.io import remove_temp_files, write_text
+from eridiffusion.train.batches import Batches
+from eridiffusion.train.outputs import Log, RunLog, plot_loss
+from eridiffusion.train.setup import Setup, fill_cache, load_setup
+from eridiffusion.train.state import check_resumable, load_state, restore, save_state
+from eridiffusion.train.step import TrainStep
+
+
+@dataclass
+class TrainResult:
+    """What a run produced; `losses` has one value per optimizer step since step 1."""
+
+    output_dir: Path
+    lora_path: Path | None
+    step: int
+    losses: list[float]
+    components: Components
+    networks: dict = field(default_factory=dict)
+    interrupted: bool = False
+    stop_signal: int = 0  # SIGINT / SIGTERM that stopped the run (eri train exits 128 + it)
+    nonfinite_skipped: int = 0  # steps skipped for a NaN/inf loss or gradient
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def inject_adapters(cfg: TrainConfig, c: Components) -> dict:
+    """Adapters on the denoiser and (lora.train_text_encoder) the family's text encoders, by kohya kind."""
+    lo, fam = cfg.lora, c.family
+    conv_rank = lo.conv_rank or None
+    conv_alpha = (lo.conv_alpha or lo.conv_rank) if lo.conv_rank else None
+    nets = {}
+    for kind, part in fam.lora_parts.items():
+        is_unet = part == "unet"
+        if not is_unet and not lo.train_text_encoder:
+            continue
+        targets = (list(lo.unet_targets) if is_unet else []) or list(fam.lora_targets(kind, conv=bool(conv_rank)))
+        nets[kind] = adapters.inject(getattr(c, part), kind, lo.rank, lo.alpha, targets=targets,
+                                     conv_rank=conv_rank if is_unet else None, conv_alpha=conv_alpha if is_unet else None,
+                                     dropout=lo.dropout, naming=fam.unet_lora_naming if is_unet else None)  # fmt: skip
+        if not is_unet:
+            getattr(c, part).train()  # LoRA dropout on; previews restore the mode they find
+    return nets
+
+
+def data_parallel(s: Setup, nets: dict, text_encoder, w, fsdp: bool, log: Log) -> tuple[torch.nn.Module, list]:
+    """The module forward runs and the DDP modules: FSDP2 shards the frozen UNet; DDP wraps
+    the UNet (and the trained text encoders); one process runs the UNet itself."""
+    c = s.components
+    if fsdp:
+        distributed.broadcast_params([p for net in nets.values() for p in net.lora_parameters()])
+        distributed.shard_unet(c.unet, nets["unet"].lora_parameters())
+        log(f"fsdp: frozen UNet sharded per block over {w.size} processes")
+        return c.unet, []
+    if not w.distributed:
+        return c.unet, []
+    model = distributed.wrap_ddp(c.unet, w)
+    synced = [model]
+    if text_encoder is not None and s.cfg.lora.train_text_encoder:
+        for part in c.family.text_parts:
+            wrapped = distributed.wrap_ddp(getattr(c, part), w, find_unused=True)
+            setattr(text_encoder, part, wrapped)
+            synced.append(wrapped)
+    return model, synced
+
+
+def step_budget(cfg: TrainConfig, s: Setup, world_size: int) -> tuple[BucketBatchSampler, int, int]:
+    """The sampler of global batches (batch_size × processes, one bucket), the total steps and
+    the steps per epoch."""
+    t = cfg.train
+    repeats = s.dataset.repeats
+    sampler = BucketBatchSampler(s.dataset.buckets, t.batch_size * world_size, t.seed, repeats=repeats)
+    if t.batch_size * world_size > sum(repeats):
+        procs = f" × {world_size} processes" if world_size > 1 else ""
+        raise ConfigError(f"train.batch_size = {t.batch_size}{procs} is larger than the {sum(repeats)} samples "
+                          f"per epoch in {cfg.data.dir}: lower train.batch_size or add images")  # fmt: skip
+    per_epoch = max(1, len(sampler) // t.grad_accum)
+    total = t.max_steps or t.epochs * per_epoch
+    if t.max_steps and t.epochs:
+        total = min(total, t.epochs * per_epoch)
+    return sampler, total, per_epoch
+
+
+def check_cuda_graph(cfg: TrainConfig, device: torch.device, processes: int) -> None:
+    why = None
+    if device.type != "cuda":
+        why = f"needs a CUDA device, and this run is on {device}"
+    elif processes > 1:
+        why = f"runs in one process, and this run has {processes} under torchrun"
+    elif cfg.lora.train_text_encoder:
+        why = "does not capture the text encoders: set lora.train_text_encoder=false"
+    if why:
+        raise ConfigError(f"train.cuda_graph = true {why}; or set train.cuda_graph=false")
+
+
+class Saver:
+    """Rank 0's adapter files (final name or -step{N}), state and loss.png."""
+
+    def __init__(self, cfg: TrainConfig, s: Setup, nets: dict, opt: optim.Optim, sampler, generators, runlog: RunLog,
+                 prediction: str, t_start: float, main: bool):  # fmt: skip
+        self.__dict__.update(cfg=cfg, s=s, nets=nets, opt=opt, sampler=sampler, generators=generators,
+                             runlog=runlog, prediction=prediction, t_start=t_start, main=main)  # fmt: skip
+        self.out = Path(cfg.save.output_dir)
+
+    def __call__(self, step: int, final: bool) -> Path | None:
+        if not self.main:
+            return None
+        cfg, lo = self.cfg, self.cfg.lora
+        self.runlog.flush()
+        conv_rank = lo.conv_rank or None
+        meta = adapters.lora_metadata(
+            self.s.family, rank=lo.rank, alpha=lo.alpha, steps=step, epoch=self.sampler.epoch,
+            resolution=cfg.data.resolution, num_images=len(self.s.dataset), title=cfg.save.name,
+            conv_rank=conv_rank, conv_alpha=(lo.conv_alpha or lo.conv_rank) if conv_rank else None,
+            prediction_type=self.prediction,
+        )  # fmt: skip
+        path = self.out / (f"{cfg.save.name}.safetensors" if final else f"{cfg.save.name}-step{step}.safetensors")
+        adapters.save_lora(path, list(self.nets.values()), metadata=meta, dtype=DTYPES[cfg.save.save_dtype])
+        save_state(self.out / "state", step, self.nets, self.opt.optimizer, distributed.sampler_state(self.sampler),
+                   self.generators, self.runlog.history, time.perf_counter() - self.t_start, cfg)  # fmt: skip
+        plot_loss(self.out / "loss.png", self.runlog.history, title=f"{cfg.save.name}: loss per step")
+        return path
+
+
+def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop_after: int | None = None,
+          log: Log = print, progress: bool = True) -> TrainResult:  # fmt: skip
+    """Train a LoRA as `cfg` says; resume from `resume_dir` (or `save.output_dir/state` when
+    `train.resume`). `stop_after=N` stops after step N as an interruption would (state saved)."""
+    from tqdm import tqdm
+
+    out, t_cfg = Path(cfg.save.output_dir), cfg.train
+    faults.check_outputs(out, cfg.save.name, cfg.save.overwrite or t_cfg.resume or resume_dir is not None)
+    w = distributed.init(resolve_device(t_cfg.device))  # torchrun: join the group; else one process
+    if t_cfg.cuda_graph:
+        check_cuda_graph(cfg, w.device, w.size)
+    if not w.main:  # only rank 0 logs and writes files
+        log, progress = (lambda msg: None), False
+
+    # -- models, data, cache --------------------------------------------------------------
+    s = load_setup(cfg, log, w.device)
+    c, device, fam = s.components, s.device, s.family
+    prediction = fam.prediction if t_cfg.prediction == "auto" else t_cfg.prediction
+    fill_cache(s, log, progress, w.rank, w.size)
+    distributed.barrier()  # every rank's share of the cache is written
+    validation = None  # built before the VAE / text encoders are freed: it keeps what it needs
+    fsdp = t_cfg.fsdp and w.distributed
+    if cfg.sample.prompts and cfg.sample.every_n_steps and fsdp:
+        log("sample: previews are off under FSDP (every rank would have to sample the sharded UNet)")
+    elif cfg.sample.prompts and cfg.sample.every_n_steps and w.main:
+        validation = pipeline.Validation(c, cfg.sample, out, encode_now=not cfg.lora.train_text_encoder,
+                                         prediction=prediction)  # fmt: skip
+    if s.cache_latents:
+        c.vae = None  # no longer needed: free its memory
+    if s.cache_text:
+        c.drop_text_encoders()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # -- adapters: fp32 trainable params over the frozen weights ---------------------------
+    seed_everything(t_cfg.seed)  # here, so the adapter init does not depend on what the cache had to do
+    nets = inject_adapters(cfg, c)
+    c.unet.gradient_checkpointing = t_cfg.gradient_checkpointing
+    # train mode, TF32 and cuDNN autotune on CUDA, self-attention q/k/v (and LoRA) as one GEMM;
+    # compiled regions go shape-generic after one recompile (buckets)
+    speed.optimize_for_training(c.unet, compile=False, fused_qkv=True)
+    if t_cfg.compile:
+        fam.compile_regions(c.unet, dynamic=None)
+    text_encoder = None if s.cache_text else fam.text_encoder(c)
+    n_params = sum(p.numel() for net in nets.values() for p in net.lora_parameters())
+    log(f"lora: rank {cfg.lora.rank}, alpha {cfg.lora.alpha}, {n_params:,} trainable parameters in {', '.join(nets)}")
+    model, synced = data_parallel(s, nets, text_encoder, w, fsdp, log)
+
+    # -- optimizer (one param group per part, each with its LR), sampler, resume -----------
+    o_cfg = cfg.optim
+    groups = [{"params": net.lora_parameters(), "lr": o_cfg.unet_lr if kind == "unet" else o_cfg.text_encoder_lr,
+               "name": kind} for kind, net in nets.items()]  # fmt: skip
+    opt = optim.build(o_cfg, groups, device)
+    sampler, total, per_epoch = step_budget(cfg, s, w.size)
+    generators = {"data": torch.Generator().manual_seed(t_cfg.seed + 1),  # flips, caption dropout, tag order
+                  "noise": torch.Generator(device).manual_seed(t_cfg.seed + 2)}  # timesteps, noise, latents
+    step, history, elapsed0 = 0, [], 0.0
+    resume_dir = out / "state" if resume_dir is None and t_cfg.resume else resume_dir
+    if resume_dir is not None:
+        meta, tensors = load_state(Path(resume_dir))
+        check_resumable(Path(resume_dir), meta["config"], cfg)
+        restore(Path(resume_dir), meta, tensors, nets, opt, generators)
+        if not distributed.restore_sampler(sampler, meta["sampler"]):
+            log(f"resume: global batch {meta['sampler']['global_batch']} → {sampler.batch_size}, "
+                "continuing at the same epoch and sample count (not the same batches)")  # fmt: skip
+        step, history, elapsed0 = meta["step"], meta["history"], meta["elapsed"]
+        log(f"resumed from {resume_dir} at step {step}")
+    if w.rank:  # LoRA dropout masks differ per rank (global torch RNG); data / noise generators do not
+        torch.manual_seed((t_cfg.seed * 1_000_003 + w.rank * 65_537 + step) % (1 << 63))
+    batches = Batches(s, sampler, generators["data"], generators["noise"], w, text_encoder, cfg.lora.train_text_encoder)
+    params = [p for g in groups for p in g["params"]]
+    train_step = TrainStep(fam, model, params, opt.optimizer, prediction=prediction, grad_accum=t_cfg.grad_accum,
+                           max_grad_norm=t_cfg.max_grad_norm, min_snr_gamma=t_cfg.min_snr_gamma,
+                           noise_offset=t_cfg.noise_offset, max_nonfinite=t_cfg.max_nonfinite,
+                           cuda_graph=t_cfg.cuda_graph, synced=synced, fsdp=fsdp, world=w, device=device)  # fmt: skip
+
+    # -- the loop -------------------------------------------------------------------------
+    if w.main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in remove_temp_files(out) + remove_temp_files(out / "state"):
+            log(f"removed {stale}, a partial write of a killed run")
+        write_text(out / "config.toml", cfg.to_toml())
+        s.dataset.report.write(out / "dataset_report.txt")  # every skipped / ignored file and why
+    t_start = time.perf_counter() - elapsed0
+    log(f"training {total} steps (batch {t_cfg.batch_size} × {w.size} processes × accumulation {t_cfg.grad_accum}"
+        f" = global batch {t_cfg.batch_size * w.size * t_cfg.grad_accum}, {per_epoch} steps per epoch) → {out}")
+    bar = tqdm(total=total, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
+    runlog = RunLog(out, history, w.main, cfg.log.tensorboard, bar, log, device)
+    save = Saver(cfg, s, nets, opt, sampler, generators, runlog, prediction, t_start, w.main)
+    guard, lora_path, interrupted, saved_at, fault = train_step.guard, None, False, 0, None
+    stop = faults.StopSignals(log).install()  # SIGINT / SIGTERM: finish this step, save, exit 130 / 143
+    try:
+        with speed.activation_budget(t_cfg.memory_budget):  # read when the regions compile
+            while step < total:
+                if w.distributed:  # all ranks stop at the same step
+                    stop.signum = distributed.agree_max(stop.signum, device)
+                if stop.signum:
+                    break
+                optim.set_lr(opt.optimizer, optim.lr_factor(step, total, o_cfg.warmup_steps, o_cfg.schedule))
+                result = train_step(batches, generators["noise"])
+                if result.skipped:
+                    norm = None if result.norm is None else float(result.norm)
+                    log(f"step {step + 1}: loss {float(result.loss)}, gradient norm {norm}: step skipped "
+                        f"({guard.in_row} in a row, {guard.skipped} in all)")  # fmt: skip
+                    if guard.exhausted:
+                        interrupted, fault = True, guard.error(step, out / "state")
+                        break
+                    continue
+                step += 1
+                runlog.add(step, result.loss, opt.optimizer.param_groups[0]["lr"], time.perf_counter() - t_start)
+                bar.update(1)
+                if step % cfg.log.every == 0 or step == total:
+                    runlog.flush()
+                if cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0 and step < total:
+                    lora_path, saved_at = save(step, final=False), step
+                if validation is not None and (step % cfg.sample.every_n_steps == 0 or step == total):
+                    validation(step, runlog.writer)
+                if stop_after is not None and stop_after <= step < total:
+                    interrupted = True
+                    break
+    except KeyboardInterrupt:
+        interrupted = True
+        stop.keyboard_interrupt()
+        log(f"\ninterrupted at step {step}: saving state, resume with train.resume=true")
+    except torch.OutOfMemoryError:
+        train_step.clear_grads()
+        interrupted = True
+        fault = faults.out_of_memory(step + 1, t_cfg.batch_size, cfg.data.resolution, t_cfg.gradient_checkpointing,
+                                     s.cache_latents and s.cache_text)  # fmt: skip
+    finally:
+        bar.close()
+        stop.restore()
+    if device.type == "cuda" and fault is not None:
+        torch.cuda.empty_cache()
+    interrupted = interrupted or (bool(stop.signum) and step < total)  # a signal in the last step: the run is done
+    if interrupted and step and saved_at != step:
+        lora_path = save(step, final=False)
+    elif not interrupted:
+        lora_path = save(step, final=True)
+        log(f"saved {lora_path}, {out / 'loss.csv'}, {out / 'loss.png'}")
+    runlog.close()
+    if fault is not None:
+        raise fault
+    if guard.skipped:
+        log(f"{guard.skipped} steps skipped for a NaN/inf loss or gradient")
+    distributed.barrier()  # rank 0's files are written when train() returns on any rank
+    distributed.cleanup(w)
+    return TrainResult(out, lora_path, step, [h[1] for h in runlog.history], c, nets, interrupted,
+                       stop.signum if interrupted else 0, guard.skipped)  # fmt: skip

@@ -1,0 +1,119 @@
+"""One optimizer step, the object `eri train` runs and `bench/train_step.py` times.
+
+    for each micro-batch (grad_accum of them):      DDP all-reduces only after the last
+        t ~ family.sample_timesteps, noise (+ offset), drawn for the global batch, sliced
+        loss = family-weighted MSE(denoiser(x_t, t, **family.denoiser_inputs), target)
+        backward (gradients accumulate; replayed from a CUDA graph with cuda_graph)
+    FSDP: all-reduce the LoRA gradients; torchrun: average the logged loss over ranks
+    clip the gradient norm; a NaN / inf loss or norm skips the update (NonFiniteGuard)
+    optimizer.step(), clear the gradients
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eridiffusion import diffusion, distributed, faults, speed
+from eridiffusion.families import Cond, Family
+
+
+def diffusion_loss(family: Family, denoiser: nn.Module, x0: torch.Tensor, cond: Cond, time_ids: torch.Tensor | None,
+                   t: torch.Tensor, noise: torch.Tensor, schedule: torch.Tensor, prediction: str,
+                   min_snr_gamma: float = 0.0, weight: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Mean (min-SNR weighted) MSE between the denoiser's output at x_t and the family's target;
+    `weight` (B, 1, h, w) weights each latent pixel (loss masks, the prior-loss weight)."""
+    x_t = family.add_noise(x0, noise, t, schedule)
+    # no autocast: the UNet casts its inputs to its weights' dtype and LoRA casts its fp32
+    # weights to the activations' dtype, so nothing is cast twice
+    pred = denoiser(x_t, t, **family.denoiser_inputs(cond, time_ids))
+    target = family.target(prediction, x0, noise, t, schedule)
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none")  # (B, C, h, w)
+    if weight is not None:
+        loss = loss * weight
+    loss = loss.mean(dim=(1, 2, 3))  # (B,)
+    snr = family.loss_weight(t, schedule, prediction, min_snr_gamma)
+    return (loss if snr is None else loss * snr).mean()
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # on the device; the mean over the global batch
+    norm: torch.Tensor | None  # the gradient norm before clipping (None without clipping)
+    skipped: bool  # not finite: no update
+
+
+class TrainStep:
+    """Micro-steps, clipping, the NaN guard and the optimizer step over `params`.
+
+    `model` is what forward runs (the denoiser, or its DDP wrapper); `synced` the DDP modules
+    whose all-reduce waits for the last micro-step. With `cuda_graph` each micro-step's forward
+    and backward replays from a CUDA graph per bucket shape (`speed.GraphedBackward`); the
+    gradients then stay the same tensors and are cleared, never dropped.
+    """
+
+    def __init__(self, family: Family, model: nn.Module, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+                 *, prediction: str, grad_accum: int = 1, max_grad_norm: float = 0.0, min_snr_gamma: float = 0.0,
+                 noise_offset: float = 0.0, max_nonfinite: int = 0, cuda_graph: bool = False, synced=(),
+                 fsdp: bool = False, world=None, device: torch.device | None = None):  # fmt: skip
+        self.family, self.model, self.params, self.optimizer = family, model, list(params), optimizer
+        self.prediction, self.grad_accum, self.max_grad_norm = prediction, grad_accum, max_grad_norm
+        self.min_snr_gamma, self.noise_offset = min_snr_gamma, noise_offset
+        self.synced, self.fsdp, self.world = list(synced), fsdp, world
+        self.device = device or self.params[0].device
+        self.schedule = family.schedule(self.device)
+        self.guard = faults.NonFiniteGuard(max_nonfinite)
+        self.graphed = speed.GraphedBackward(self.micro_step, self.params) if cuda_graph else None
+
+    def micro_step(self, x0, time_ids, t, noise, *rest, scale: float = 1.0) -> torch.Tensor:
+        """Forward and backward of one micro-batch (gradients accumulate); returns the loss.
+        `rest`: the conditioning tensors (`family.cond_keys`), then the loss weights if any.
+        `scale` (this rank's share of the global batch) is 1 in one process, as in a graph."""
+        n = len(self.family.cond_keys)
+        cond, weight = dict(zip(self.family.cond_keys, rest[:n])), rest[n] if len(rest) > n else None
+        loss = scale * diffusion_loss(self.family, self.model, x0, cond, time_ids, t, noise, self.schedule,
+                                      self.prediction, self.min_snr_gamma, weight)  # fmt: skip
+        (loss / self.grad_accum).backward()
+        return loss.detach()
+
+    def clear_grads(self) -> None:
+        self.optimizer.zero_grad(set_to_none=self.graphed is None)
+
+    def accumulate(self, batches: Iterator, noise_gen: torch.Generator) -> torch.Tensor:
+        """Forward + backward of `grad_accum` micro-batches; returns the mean loss (device)."""
+        step_loss = torch.zeros((), device=self.device)
+        distributed_ = self.world is not None and self.world.distributed
+        for micro in range(self.grad_accum):
+            # the micro-steps before the last run forward (the trained text encoders' in
+            # next(batches) too) and backward in no_sync
+            with distributed.no_sync(self.synced, skip=micro < self.grad_accum - 1):
+                b = next(batches)
+                # drawn for the global batch and sliced: N processes = one with the N× batch
+                t = self.family.sample_timesteps(b.n, noise_gen, self.device)[b.rows]
+                noise = torch.randn((b.n, *b.x0.shape[1:]), generator=noise_gen, device=self.device)
+                noise = diffusion.offset_noise(noise, self.noise_offset, noise_gen)[b.rows]
+                args = (b.x0, b.time_ids, t, noise, *(b.cond[k] for k in self.family.cond_keys))
+                args += () if b.weight is None else (b.weight,)
+                loss = self.graphed(*args) if self.graphed is not None else self.micro_step(*args, scale=b.scale)
+            step_loss += loss / self.grad_accum
+        if self.fsdp:
+            distributed.all_reduce_grads(self.params)
+        if distributed_:  # the logged loss is the global batch's
+            step_loss = distributed.all_reduce_sum_(step_loss) / self.world.size
+        return step_loss
+
+    def __call__(self, batches: Iterator, noise_gen: torch.Generator) -> StepResult:
+        loss = self.accumulate(batches, noise_gen)
+        norm = None
+        if self.max_grad_norm > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        if self.guard.enabled and not self.guard.observe(faults.all_finite(loss, norm)):  # skip: no update
+            self.clear_grads()
+            return StepResult(loss, norm, skipped=True)
+        self.optimizer.step()
+        self.clear_grads()
+        return StepResult(loss, norm, skipped=False)
