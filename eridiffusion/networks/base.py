@@ -6,8 +6,8 @@ block of a fused weight such as open_clip's q/k/v `in_proj_weight`):
     y = layer(x) + multiplier · ΔW x        (merged: W ← W + multiplier · ΔW)
 
 File layout (kohya / LyCORIS, as ComfyUI `comfy/weight_adapter/` reads it): per adapted module
-NAME, keys `NAME.<suffix>`. Each adapter class claims its suffixes (`suffixes`) and one
-`identifying` suffix that only it writes; readers (`load_lora`, `apply_lora`, `eri inspect`,
+NAME, keys `NAME.<suffix>`. Each adapter class claims its suffixes (`suffixes`) and an
+`identifying` suffix that only it writes (or a tuple of them, any one present); readers (`load_lora`, `apply_lora`, `eri inspect`,
 `checkpoint.lora_modules`) group a file's keys by NAME and look the class up here, instead of
 knowing suffix names themselves.
 
@@ -23,17 +23,20 @@ An adapter class provides (torchtune's `AdapterModule` shape, plus files):
   installed anywhere; raises `LoRAError` when they do not fit `base`.
 - `check(shapes)` (classmethod): (rank, [problems]) from a file's {suffix: shape}, no tensor read.
 - `merge()` / `unmerge()`: fold multiplier · ΔW into the base weight (`target()`) and back.
-- `multiplier` (user strength, 1.0) and `merged`.
+- `multiplier` (user strength, 1.0) and `merged`; `hyper`: suffixes that are settings, not
+  parameters (`alpha`): written fp32, compared by value on resume.
+Several adapters on one layer (one per file) sit in an `AdapterStack`, applied in sequence.
 
 The LyCORIS types still to come implement the same protocol, `alpha` meaning the same (scale
 alpha / rank), each in its own small file beside `lora.py`:
 - LoHa (identifying `hada_w1_a`; `hada_w1_a/hada_w1_b/hada_w2_a/hada_w2_b`, Tucker `hada_t1/hada_t2`):
   ΔW = (alpha/r) · (w1_a @ w1_b) ⊙ (w2_a @ w2_b) (Hadamard product).
-- LoKr (identifying `lokr_w1` or `lokr_w1_a`; `lokr_w1` | `lokr_w1_a/lokr_w1_b`, `lokr_w2` |
+- LoKr (identifying ("lokr_w1", "lokr_w1_a"); `lokr_w1` | `lokr_w1_a/lokr_w1_b`, `lokr_w2` |
   `lokr_w2_a/lokr_w2_b`, `lokr_t2`): ΔW = kron(w1, w2), factors given whole or as a/b products,
   alpha / r applied only when a factor is low-rank.
-- DoRA (`dora_scale`, beside another type's keys): W' = dora_scale · (W + ΔW) / ‖W + ΔW‖, the
-  norm per output row when dora_scale's first dimension equals W's, else per input column.
+- DoRA: `dora_scale` beside another type's keys, so it joins that class's `suffixes` (ComfyUI's
+  `weight_decompose`): W' = dora_scale · (W + ΔW) / ‖W + ΔW‖, the norm per output row when
+  dora_scale's first dimension equals W's, else per input column.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ class Adapter(nn.Module):
     """Base of the adapter classes: the protocol in the module docstring, generic merge/unmerge."""
 
     suffixes: ClassVar[tuple[str, ...]] = ()
-    identifying: ClassVar[str] = ""
+    identifying: ClassVar[str | tuple[str, ...]] = ""
     hyper: ClassVar[tuple[str, ...]] = ("alpha",)  # compared by value on resume, not copied
 
     multiplier: float = 1.0
@@ -143,12 +146,14 @@ ADAPTERS: dict[str, type[Adapter]] = {}
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     """Make `cls` the reader of files whose modules carry `cls.identifying` (a class decorator)."""
-    if cls.identifying not in cls.suffixes:
-        raise LoRAError(f"register_adapter: {cls.__name__}.identifying {cls.identifying!r} is not one of its suffixes")
-    other = ADAPTERS.get(cls.identifying)
-    if other is not None and other is not cls:
-        raise LoRAError(f"register_adapter: suffix {cls.identifying!r} is already read by {other.__name__}")
-    ADAPTERS[cls.identifying] = cls
+    idents = (cls.identifying,) if isinstance(cls.identifying, str) else tuple(cls.identifying)
+    for ident in idents:
+        if ident not in cls.suffixes:
+            raise LoRAError(f"register_adapter: {cls.__name__}.identifying {ident!r} is not one of its suffixes")
+        other = ADAPTERS.get(ident)
+        if other is not None and other is not cls:
+            raise LoRAError(f"register_adapter: suffix {ident!r} is already read by {other.__name__}")
+    ADAPTERS.update(dict.fromkeys(idents, cls))
     return cls
 
 

@@ -28,7 +28,7 @@ def test_save_load_apply_roundtrip(family, tmp_path):
     randomize(nets.values())
     trained = outputs(c)
     meta = networks.lora_metadata(family, rank=4, alpha=3.0, steps=100, epoch=2, resolution=64, num_images=5,
-                              title="cat", conv_rank=2, conv_alpha=1.0)
+                                  title="cat", conv_rank=2, conv_alpha=1.0)
     path = tmp_path / "out" / "cat.safetensors"
     networks.save_lora(path, list(nets.values()), metadata=meta, dtype=torch.float32)
     assert [p.name for p in path.parent.iterdir()] == ["cat.safetensors"]  # no temp file left
@@ -79,15 +79,20 @@ def test_save_load_apply_roundtrip(family, tmp_path):
     assert 0 < max_diff(outputs(half), trained) < 2e-3
 
 
+def trained_files(folder, specs) -> list:
+    """One fp32 LoRA file on every part of a tiny SDXL per (seed, rank, alpha)."""
+    paths = []
+    for seed, rank, alpha in specs:
+        nets = inject_all(tiny_components("sdxl-tiny"), rank=rank, alpha=alpha)
+        randomize(nets.values(), seed=seed)
+        paths.append(folder / f"l{seed}.safetensors")
+        networks.save_lora(paths[-1], list(nets.values()), dtype=torch.float32)
+    return paths
+
+
 def test_several_files_with_scales(tmp_path):
     c = tiny_components("sdxl-tiny")
-    paths = []
-    for seed, rank in ((1, 4), (2, 2)):
-        work = tiny_components("sdxl-tiny")
-        nets = inject_all(work, rank=rank, alpha=1.0)
-        randomize(nets.values(), seed=seed)
-        paths.append(tmp_path / f"l{seed}.safetensors")
-        networks.save_lora(paths[-1], list(nets.values()), dtype=torch.float32)
+    paths = trained_files(tmp_path, ((1, 4, 1.0), (2, 2, 1.0)))
     scales = (0.7, -0.4)
 
     live = networks.apply_lora(c, paths, scale=scales)
@@ -119,13 +124,7 @@ def test_unmatched_keys_are_one_line_error(tmp_path):
 def test_two_files_on_one_layer_stack_as_adapters(tmp_path):
     """Each file is its own adapter on the layer: unmerged output = merged output =
     base + Σ strength · (alpha / rank) · up @ down, as the old rank concatenation gave."""
-    paths = []
-    for seed, rank, alpha in ((1, 4, 2.0), (2, 2, 3.0)):
-        work = tiny_components("sdxl-tiny")
-        nets = inject_all(work, rank=rank, alpha=alpha)
-        randomize(nets.values(), seed=seed)
-        paths.append(tmp_path / f"l{seed}.safetensors")
-        networks.save_lora(paths[-1], list(nets.values()), dtype=torch.float32)
+    paths = trained_files(tmp_path, ((1, 4, 2.0), (2, 2, 3.0)))
     scales = (0.7, -0.4)
     c = tiny_components("sdxl-tiny")
     layer_path = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
