@@ -334,5 +334,6 @@ def serve(root: str | Path, host: str = "127.0.0.1", port: int = 7860, token: st
     app = create_app(root, token=token, local=local, demo=demo)
     shown = f"[{host}]" if ":" in host else host
     print(f"eri ui: serving {root.resolve()} at http://{shown}:{port}/{'?token=' + token if token else ''}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # open event streams never end by themselves: give them a moment on Ctrl-C, then close them
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=2)
     return 0

@@ -151,6 +151,7 @@ function buildForm() {
     for (const f of sec.fields) {
       const input = inputFor(f);
       input.addEventListener("change", scheduleValidate);
+      input.addEventListener("input", scheduleValidate);
       const doc = h("div", { class: "doc" });
       doc.innerHTML = docHTML(f.doc || "");
       fs.append(h("div", { class: "field" },
@@ -243,7 +244,7 @@ function showErrors(errors) {
 let validateTimer = null;
 function scheduleValidate() {
   clearTimeout(validateTimer);
-  validateTimer = setTimeout(validate, 250);
+  validateTimer = setTimeout(validate, 300);
   syncBuckets();
 }
 
@@ -329,13 +330,14 @@ function drawChart(canvas, rows) {
   const Y = (v) => H - B - ((Math.min(Math.max(v, lo), hi) - lo) / (hi - lo)) * (H - T - B);
   ctx.strokeStyle = "#e5e5e5";
   ctx.lineWidth = 1;
+  const ticks = new Set();
   for (let i = 0; i <= 4; i++) {
     const v = lo + ((hi - lo) * i) / 4, y = Y(v);
     ctx.beginPath(); ctx.moveTo(L, y); ctx.lineTo(W - R, y); ctx.stroke();
     ctx.fillText(v.toPrecision(3), 4, y + 4);
-    const s = Math.round(x0 + ((x1 - x0) * i) / 4);
-    ctx.fillText(String(s), X(s) - 8, H - 8);
+    ticks.add(Math.round(x0 + ((x1 - x0) * i) / 4));
   }
+  ticks.forEach((s) => ctx.fillText(String(s), X(s) - 8, H - 8));
   const line = (values, colour, width) => {
     ctx.strokeStyle = colour; ctx.lineWidth = width; ctx.beginPath();
     values.forEach((v, i) => (i ? ctx.lineTo(X(rows[i][0]), Y(v)) : ctx.moveTo(X(rows[i][0]), Y(v))));
@@ -449,7 +451,12 @@ async function generate() {
   $("#sm-result").replaceChildren(...job.files.map((f) => h("figure", {},
     h("img", { class: "result", src: url("/api/file", { path: f.path }) }),
     h("figcaption", {}, h("a", { href: url("/api/file", { path: f.path, download: 1 }) }, f.path),
-      h("pre", {}, JSON.stringify(f.params, null, 1))))));
+      paramsTable(f.params)))));
+}
+
+function paramsTable(params) {
+  const show = (v) => (typeof v === "string" ? v : JSON.stringify(v));
+  return h("table", { class: "table params" }, Object.entries(params).map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, show(v)))));
 }
 
 // ------------------------------------------------------------------ start
