@@ -28,6 +28,16 @@ async function api(path, { params = {}, body } = {}) {
   return data;
 }
 
+// the call's result, or null with its error written into `el`
+async function shown(el, path, opts) {
+  try {
+    return await api(path, opts);
+  } catch (e) {
+    el.textContent = e.message;
+    return null;
+  }
+}
+
 function h(tag, attrs = {}, ...children) {
   const el = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
@@ -83,13 +93,8 @@ async function scanDataset() {
   const params = { dir };
   for (const k of ["resolution", "bucket_step", "bucket_min", "bucket_max"]) params[k] = $(`#ds-${k}`).value;
   $("#ds-error").textContent = "";
-  let d;
-  try {
-    d = await api("/api/dataset", { params });
-  } catch (e) {
-    $("#ds-error").textContent = e.message;
-    return;
-  }
+  const d = await shown($("#ds-error"), "/api/dataset", { params });
+  if (!d) return;
   if (d.error) $("#ds-error").textContent = d.error;
   $("#ds-report").textContent = d.report || "";
   $("#ds-grid").replaceChildren(...d.items.map(captionCard));
@@ -435,13 +440,8 @@ async function generate() {
     cfg: v("cfg"), seed: v("seed"), width: v("width"), height: v("height"),
     loras: [...document.querySelectorAll(".lora-row")].map((r) => ({ path: $(".lora", r).value, scale: $(".scale", r).value })) };
   $("#sm-status").textContent = "rendering…";
-  let job;
-  try {
-    job = await api("/api/sample", { body });
-  } catch (e) {
-    $("#sm-status").textContent = e.message;
-    return;
-  }
+  let job = await shown($("#sm-status"), "/api/sample", { body });
+  if (!job) return;
   while (job.state === "running") {
     await new Promise((r) => setTimeout(r, 700));
     job = await api(`/api/sample/${job.id}`);
