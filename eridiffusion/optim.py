@@ -11,6 +11,7 @@ Add an optimizer: one `register(Spec(...))` line with a builder that imports its
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Callable
@@ -58,6 +59,19 @@ class Optim:
     optimizer: torch.optim.Optimizer
     spec: Spec
     config_keys: frozenset[str]
+
+    @contextlib.contextmanager
+    def eval_mode(self):
+        """Around previews and saving: an optimizer with separate evaluation weights (schedule-free:
+        `optimizer.eval()` / `.train()`) switches to them; others do nothing."""
+        switch = callable(getattr(self.optimizer, "eval", None)) and callable(getattr(self.optimizer, "train", None))
+        if switch:
+            self.optimizer.eval()
+        try:
+            yield
+        finally:
+            if switch:
+                self.optimizer.train()
 
 
 def accepted_args(spec: Spec) -> list[str]:

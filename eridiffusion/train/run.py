@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eridiffusion import distributed, faults, networks as adapters, optim, pipeline, speed
+from eridiffusion import distributed, faults, optim, pipeline, speed
 from eridiffusion.checkpoint import Components
 from eridiffusion.config import TrainConfig
 from eridiffusion.data.buckets import BucketBatchSampler
-from eridiffusion.devices import DTYPES, resolve_device
+from eridiffusion.devices import resolve_device
 from eridiffusion.errors import ConfigError
 from eridiffusion.io import remove_temp_files, write_text
 from eridiffusion.train.batches import Batches
@@ -30,6 +30,7 @@ from eridiffusion.train.outputs import Log, RunLog, plot_loss
 from eridiffusion.train.setup import Setup, fill_cache, load_setup
 from eridiffusion.train.state import check_resumable, load_state, restore, save_state
 from eridiffusion.train.step import TrainStep
+from eridiffusion.train.trainable import Adapters
 
 
 @dataclass
@@ -53,32 +54,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def inject_adapters(cfg: TrainConfig, c: Components) -> dict:
-    """Adapters on the denoiser and (lora.train_text_encoder) the family's text encoders, by kohya kind."""
-    lo, fam = cfg.lora, c.family
-    conv_rank = lo.conv_rank or None
-    conv_alpha = (lo.conv_alpha or lo.conv_rank) if lo.conv_rank else None
-    nets = {}
-    for kind, part in fam.lora_parts.items():
-        is_unet = part == "unet"
-        if not is_unet and not lo.train_text_encoder:
-            continue
-        targets = (list(lo.unet_targets) if is_unet else []) or list(fam.lora_targets(kind, conv=bool(conv_rank)))
-        nets[kind] = adapters.inject(getattr(c, part), kind, lo.rank, lo.alpha, targets=targets,
-                                     conv_rank=conv_rank if is_unet else None, conv_alpha=conv_alpha if is_unet else None,
-                                     dropout=lo.dropout, naming=fam.unet_lora_naming if is_unet else None)  # fmt: skip
-        if not is_unet:
-            getattr(c, part).train()  # LoRA dropout on; previews restore the mode they find
-    return nets
-
-
-def data_parallel(s: Setup, nets: dict, text_encoder, w, fsdp: bool, log: Log) -> tuple[torch.nn.Module, list]:
+def data_parallel(s: Setup, trainable, text_encoder, w, fsdp: bool, log: Log) -> tuple[torch.nn.Module, list]:
     """The module forward runs and the DDP modules: FSDP2 shards the frozen UNet; DDP wraps
     the UNet (and the trained text encoders); one process runs the UNet itself."""
     c = s.components
     if fsdp:
-        distributed.broadcast_params([p for net in nets.values() for p in net.lora_parameters()])
-        distributed.shard_unet(c.unet, nets["unet"].lora_parameters())
+        distributed.broadcast_params(trainable.parameters())
+        distributed.shard_unet(c.unet, trainable.parameters())
         log(f"fsdp: frozen UNet sharded per block over {w.size} processes")
         return c.unet, []
     if not w.distributed:
@@ -123,31 +105,25 @@ def check_cuda_graph(cfg: TrainConfig, device: torch.device, processes: int) -> 
 
 
 class Saver:
-    """Rank 0's adapter files (final name or -step{N}), state and loss.png."""
+    """Rank 0's trained weights (final name or -step{N}), state and loss.png."""
 
-    def __init__(self, cfg: TrainConfig, s: Setup, nets: dict, opt: optim.Optim, sampler, generators, runlog: RunLog,
+    def __init__(self, cfg: TrainConfig, s: Setup, trainable, opt: optim.Optim, sampler, generators, runlog: RunLog,
                  prediction: str, t_start: float, main: bool):  # fmt: skip
-        self.__dict__.update(cfg=cfg, s=s, nets=nets, opt=opt, sampler=sampler, generators=generators,
+        self.__dict__.update(cfg=cfg, s=s, trainable=trainable, opt=opt, sampler=sampler, generators=generators,
                              runlog=runlog, prediction=prediction, t_start=t_start, main=main)  # fmt: skip
         self.out = Path(cfg.save.output_dir)
 
     def __call__(self, step: int, final: bool) -> Path | None:
         if not self.main:
             return None
-        cfg, lo = self.cfg, self.cfg.lora
         self.runlog.flush()
-        conv_rank = lo.conv_rank or None
-        meta = adapters.lora_metadata(
-            self.s.family, rank=lo.rank, alpha=lo.alpha, steps=step, epoch=self.sampler.epoch,
-            resolution=cfg.data.resolution, num_images=len(self.s.dataset), title=cfg.save.name,
-            conv_rank=conv_rank, conv_alpha=(lo.conv_alpha or lo.conv_rank) if conv_rank else None,
-            prediction_type=self.prediction,
-        )  # fmt: skip
-        path = self.out / (f"{cfg.save.name}.safetensors" if final else f"{cfg.save.name}-step{step}.safetensors")
-        adapters.save_lora(path, list(self.nets.values()), metadata=meta, dtype=DTYPES[cfg.save.save_dtype])
-        save_state(self.out / "state", step, self.nets, self.opt.optimizer, distributed.sampler_state(self.sampler),
-                   self.generators, self.runlog.history, time.perf_counter() - self.t_start, cfg)  # fmt: skip
-        plot_loss(self.out / "loss.png", self.runlog.history, title=f"{cfg.save.name}: loss per step")
+        t = self.trainable
+        path = self.out / (t.final_name if final else t.step_name(step))
+        with self.opt.eval_mode():  # schedule-free optimizers save their evaluation weights
+            t.save(path, step, self.sampler.epoch, len(self.s.dataset), self.prediction)
+        save_state(self.out / "state", step, t, self.opt.optimizer, distributed.sampler_state(self.sampler),
+                   self.generators, self.runlog.history, time.perf_counter() - self.t_start, self.cfg)  # fmt: skip
+        plot_loss(self.out / "loss.png", self.runlog.history, title=f"{self.cfg.save.name}: loss per step")
         return path
 
 
@@ -187,7 +163,7 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
 
     # -- adapters: fp32 trainable params over the frozen weights ---------------------------
     seed_everything(t_cfg.seed)  # here, so the adapter init does not depend on what the cache had to do
-    nets = inject_adapters(cfg, c)
+    trainable = Adapters(cfg, c)
     c.unet.gradient_checkpointing = t_cfg.gradient_checkpointing
     # train mode, TF32 and cuDNN autotune on CUDA, self-attention q/k/v (and LoRA) as one GEMM;
     # compiled regions go shape-generic after one recompile (buckets)
@@ -195,14 +171,12 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     if t_cfg.compile:
         fam.compile_regions(c.unet, dynamic=None)
     text_encoder = None if s.cache_text else fam.text_encoder(c)
-    n_params = sum(p.numel() for net in nets.values() for p in net.lora_parameters())
-    log(f"lora: rank {cfg.lora.rank}, alpha {cfg.lora.alpha}, {n_params:,} trainable parameters in {', '.join(nets)}")
-    model, synced = data_parallel(s, nets, text_encoder, w, fsdp, log)
+    log(trainable.describe())
+    model, synced = data_parallel(s, trainable, text_encoder, w, fsdp, log)
 
     # -- optimizer (one param group per part, each with its LR), sampler, resume -----------
     o_cfg = cfg.optim
-    groups = [{"params": net.lora_parameters(), "lr": o_cfg.unet_lr if kind == "unet" else o_cfg.text_encoder_lr,
-               "name": kind} for kind, net in nets.items()]  # fmt: skip
+    groups = trainable.param_groups()
     opt = optim.build(o_cfg, groups, device)
     sampler, total, per_epoch = step_budget(cfg, s, w.size)
     generators = {"data": torch.Generator().manual_seed(t_cfg.seed + 1),  # flips, caption dropout, tag order
@@ -212,7 +186,7 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     if resume_dir is not None:
         meta, tensors = load_state(Path(resume_dir))
         check_resumable(Path(resume_dir), meta["config"], cfg)
-        restore(Path(resume_dir), meta, tensors, nets, opt, generators)
+        restore(Path(resume_dir), meta, tensors, trainable, opt, generators)
         if not distributed.restore_sampler(sampler, meta["sampler"]):
             log(f"resume: global batch {meta['sampler']['global_batch']} → {sampler.batch_size}, "
                 "continuing at the same epoch and sample count (not the same batches)")  # fmt: skip
@@ -239,7 +213,7 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
         f" = global batch {t_cfg.batch_size * w.size * t_cfg.grad_accum}, {per_epoch} steps per epoch) → {out}")
     bar = tqdm(total=total, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
     runlog = RunLog(out, history, w.main, cfg.log.tensorboard, bar, log, device)
-    save = Saver(cfg, s, nets, opt, sampler, generators, runlog, prediction, t_start, w.main)
+    save = Saver(cfg, s, trainable, opt, sampler, generators, runlog, prediction, t_start, w.main)
     guard, lora_path, interrupted, saved_at, fault = train_step.guard, None, False, 0, None
     stop = faults.StopSignals(log).install()  # SIGINT / SIGTERM: finish this step, save, exit 130 / 143
     try:
@@ -267,7 +241,8 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
                 if cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0 and step < total:
                     lora_path, saved_at = save(step, final=False), step
                 if validation is not None and (step % cfg.sample.every_n_steps == 0 or step == total):
-                    validation(step, runlog.writer)
+                    with opt.eval_mode():
+                        validation(step, runlog.writer)
                 if stop_after is not None and stop_after <= step < total:
                     interrupted = True
                     break
@@ -298,5 +273,5 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
         log(f"{guard.skipped} steps skipped for a NaN/inf loss or gradient")
     distributed.barrier()  # rank 0's files are written when train() returns on any rank
     distributed.cleanup(w)
-    return TrainResult(out, lora_path, step, [h[1] for h in runlog.history], c, nets, interrupted,
+    return TrainResult(out, lora_path, step, [h[1] for h in runlog.history], c, trainable.networks, interrupted,
                        stop.signum if interrupted else 0, guard.skipped)  # fmt: skip

@@ -35,13 +35,12 @@ def _rng_tensors(generators: dict[str, torch.Generator]) -> tuple[dict[str, torc
     return tensors, {"numpy": [np_state[0], *np_state[2:]], "python": [py_state[0], py_state[2]]}
 
 
-def save_state(folder: Path, step: int, networks: dict, optimizer: torch.optim.Optimizer, sampler_state: dict,
+def save_state(folder: Path, step: int, trainable, optimizer: torch.optim.Optimizer, sampler_state: dict,
                generators: dict[str, torch.Generator], history: list[list[float]], elapsed: float,
                cfg: TrainConfig) -> None:  # fmt: skip
     """Write the state of step `step` to `folder` (see the module docstring)."""
     tensors: dict[str, torch.Tensor] = {}
-    for kind, net in networks.items():
-        tensors.update({f"lora.{kind}.{k}": v for k, v in net.lora_state_dict().items()})
+    tensors.update({f"lora.{k}": v for k, v in trainable.state_tensors().items()})
     opt = optimizer.state_dict()
     opt_scalars: dict[str, dict] = {}
     for idx, st in opt["state"].items():
@@ -91,12 +90,10 @@ def check_resumable(folder: Path, saved: dict, cfg: TrainConfig) -> None:
                               f"resume with {section}.{key}={old} or start a new run")  # fmt: skip
 
 
-def restore(folder: Path, meta: dict, tensors: dict[str, torch.Tensor], networks: dict, opt: optim.Optim,
+def restore(folder: Path, meta: dict, tensors: dict[str, torch.Tensor], trainable, opt: optim.Optim,
             generators: dict[str, torch.Generator]) -> None:  # fmt: skip
-    """Put the saved adapter weights, optimizer state and RNG states back."""
-    for kind, net in networks.items():
-        prefix = f"lora.{kind}."
-        net.load_tensors({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, str(folder))
+    """Put the saved trained weights, optimizer state and RNG states back."""
+    trainable.load_state_tensors({k[5:]: v for k, v in tensors.items() if k.startswith("lora.")}, str(folder))
     optim.load_state(opt, _optimizer_state(meta, tensors))
     _restore_rng(meta, tensors, generators)
 
