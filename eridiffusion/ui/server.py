@@ -226,7 +226,7 @@ def api(method):
             return _error(409, str(e))
         except KeyError as e:
             return _error(400, f"missing {e.args[0]}")
-        except (UserError, ValueError, TypeError) as e:
+        except (UserError, ValueError, TypeError, OSError) as e:  # OSError: e.g. a thumbnail of a non-image
             return _error(400, str(e))
         return out if isinstance(out, Response) else JSONResponse(out)
 

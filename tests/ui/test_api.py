@@ -81,6 +81,8 @@ def test_dataset_scan_is_the_trainers(client, demo_root):
     assert d["stats"]["words"][0] == ["background", 12]
     thumb = client.get("/api/thumb", params={"path": first["path"], "size": 64})
     assert thumb.headers["content-type"] == "image/jpeg" and thumb.content[:2] == b"\xff\xd8"
+    assert client.get("/api/thumb", params={"path": "data/shape_000.txt"}).status_code == 400  # not an image
+    assert client.get("/api/thumb", params={"path": "data/none.png"}).status_code == 404
 
 
 def test_caption_edit_changes_the_file(client, demo_root):
