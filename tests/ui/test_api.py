@@ -127,6 +127,7 @@ def test_runs_and_live_metrics(client, demo_root):
     assert not again["reset"] and [r[0] for r in again["rows"]] == [11.0, 12.0]
 
 
+@pytest.mark.slow
 def test_sample_page_renders_through_eri_sample(client, demo_root, one_thread):
     weights = client.get("/api/weights").json()
     assert "tiny_sdxl.safetensors" in weights["models"]
