@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from eridiffusion.families.base import Components, Cond, Family
+# default adapter targets (fnmatch over module paths; kohya's sets): networks/naming.py
+from eridiffusion.networks.naming import TE_TARGETS, UNET_CONV_TARGETS, UNET_TARGETS
 from eridiffusion.models.clip import CLIPTextConfig, CLIPTextModel
 from eridiffusion.models.tokenizer import CLIPTokenizer
 from eridiffusion.models.unet import UNet, UNetConfig
@@ -29,26 +31,6 @@ CLASSES: dict[str, type[nn.Module]] = {"unet": UNet, "vae": AutoencoderKL, "te1"
 _UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 _UNET_ADM = "model.diffusion_model.label_emb.0.0.weight"
 
-# Module-path patterns (fnmatch over paths such as "input_blocks.4.1.transformer_blocks.0.attn1.to_q";
-# "*" also crosses dots). With a conv rank (LoCon, kohya's conv_dim): the ResBlock convs and the
-# Downsample `op` / Upsample `conv`; emb_layers.1 (Linear) and the 1×1 skip_connection too.
-UNET_TARGETS = (
-    "*.transformer_blocks.*.attn[12].to_[qkv]",
-    "*.transformer_blocks.*.attn[12].to_out.0",
-    "*.transformer_blocks.*.ff.net.0.proj",
-    "*.transformer_blocks.*.ff.net.2",
-    "*.proj_in",
-    "*.proj_out",
-)
-UNET_CONV_TARGETS = (
-    "*.in_layers.2",
-    "*.out_layers.3",
-    "*.emb_layers.1",
-    "*.skip_connection",
-    "input_blocks.*.0.op",
-    "output_blocks.*.conv",
-)
-TE_TARGETS = ("*.self_attn.[qkv]_proj", "*.self_attn.out_proj", "*.mlp.fc1", "*.mlp.fc2")
 
 
 def unet_signature(loader) -> tuple:

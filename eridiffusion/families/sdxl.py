@@ -18,11 +18,12 @@ from torch import Tensor, nn
 
 from eridiffusion.families.base import Components, Cond
 from eridiffusion.families.sd import CLASSES as SD_CLASSES
-from eridiffusion.families.sd import TE_TARGETS, StableDiffusion
+from eridiffusion.families.sd import StableDiffusion
 from eridiffusion.models.clip import CLIPTextConfig, OpenCLIPTextConfig, OpenCLIPTextModel
 from eridiffusion.models.tokenizer import CLIPTokenizer
 from eridiffusion.models.unet import UNetConfig, sdxl_vector
 from eridiffusion.models.vae import VAEConfig
+from eridiffusion.networks.naming import TE2_TARGETS
 
 PREFIXES = {
     "unet": "model.diffusion_model.",
@@ -31,8 +32,6 @@ PREFIXES = {
     "te2": "conditioner.embedders.1.model.",  # open_clip layout
 }
 CLASSES: dict[str, type[nn.Module]] = {**SD_CLASSES, "te2": OpenCLIPTextModel}
-# bigG: the fused `attn` gives q/k/v (three LoRA names), the rest HF-named (networks/naming.py)
-TE2_TARGETS = ("transformer.resblocks.*.attn", "*.attn.out_proj", "*.mlp.c_fc", "*.mlp.c_proj")
 
 
 class DualClipText:
