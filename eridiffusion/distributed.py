@@ -124,14 +124,6 @@ def world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
 def barrier() -> None:
     if world() > 1:
         dist.barrier()

@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,7 +92,7 @@ class CacheStats:
 
 
 class TensorCache:
-    """`get` / `put` / `get_or_compute` of dict[str, Tensor] entries under `cache_dir`."""
+    """`get` / `put` of dict[str, Tensor] entries under `cache_dir`."""
 
     def __init__(self, cache_dir: str | os.PathLike):
         self.root = Path(cache_dir)
@@ -125,11 +125,3 @@ class TensorCache:
         self.stats.writes += 1
         return path
 
-    def get_or_compute(self, kind: str, key: str,
-                       fn: Callable[[], Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Cached tensors of `key`, else `fn()` stored and returned."""
-        tensors = self.get(kind, key)
-        if tensors is None:
-            tensors = dict(fn())
-            self.put(kind, key, tensors)
-        return tensors

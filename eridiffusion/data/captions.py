@@ -50,10 +50,6 @@ class CaptionConfig:
     suffix: str = ""  # put after every caption, joined with a space
 
     @classmethod
-    def plain(cls) -> CaptionConfig:
-        return cls()
-
-    @classmethod
     def tags(cls, keep_tags: int = 1, dropout: float = 0.0) -> CaptionConfig:
         return cls(dropout=dropout, shuffle_tags=True, keep_tags=keep_tags)
 

@@ -40,7 +40,6 @@ import torch.nn.functional as F
 from eridiffusion.data.buckets import (
     CROP_MODES,
     Bucket,
-    BucketBatchSampler,
     BucketConfig,
     assign_bucket,
     bucket_transform,
@@ -490,10 +489,6 @@ class ImageDataset:
             if cfg.dropout > 0:
                 out.add("")
         return out
-
-    def sampler(self, batch_size: int, seed: int, **kwargs) -> BucketBatchSampler:
-        """A BucketBatchSampler over these items, honouring their repeats."""
-        return BucketBatchSampler(self.buckets, batch_size, seed, repeats=self.repeats, **kwargs)
 
     def content_key(self, i: int) -> str:
         """sha256 of item i's file bytes (memoised), combined with its mask file's sha256 (or

@@ -63,7 +63,15 @@ def test_miss_put_hit_roundtrip_and_layout(tmp_path):
     assert torch.equal(load_file(path)["mean"], tensors["mean"])  # a plain safetensors file
 
 
-def test_get_or_compute_runs_fn_once_and_invalidates_on_change(tmp_path):
+def get_or_compute(cache, kind, key, fn):  # what the trainer's fill_cache does: get, else compute and put
+    tensors = cache.get(kind, key)
+    if tensors is None:
+        tensors = dict(fn())
+        cache.put(kind, key, tensors)
+    return tensors
+
+
+def test_computed_once_and_invalidated_on_change(tmp_path):
     image = tmp_path / "img.png"
     image.write_bytes(b"first version of the image")
     cache = TensorCache(tmp_path / "cache")
@@ -76,21 +84,21 @@ def test_get_or_compute_runs_fn_once_and_invalidates_on_change(tmp_path):
     def key_of(path, flip=False):
         return make_key(file_digest(path), latent_settings("vae", (64, 64), flip, "float32"))
 
-    first = cache.get_or_compute("latent", key_of(image), encode)
-    again = cache.get_or_compute("latent", key_of(image), encode)
+    first = get_or_compute(cache, "latent", key_of(image), encode)
+    again = get_or_compute(cache, "latent", key_of(image), encode)
     assert len(calls) == 1 and torch.equal(first["latent"], again["latent"])
 
     # Same bytes under another name: reused.
     copy = tmp_path / "renamed.png"
     copy.write_bytes(image.read_bytes())
-    cache.get_or_compute("latent", key_of(copy), encode)
+    get_or_compute(cache, "latent", key_of(copy), encode)
     assert len(calls) == 1
 
     # A different flip (a setting) is a separate entry; so is edited content.
-    flipped = cache.get_or_compute("latent", key_of(image, flip=True), encode)
+    flipped = get_or_compute(cache, "latent", key_of(image, flip=True), encode)
     assert len(calls) == 2 and flipped["latent"][0, 0, 0] == 2
     image.write_bytes(b"edited image")
-    edited = cache.get_or_compute("latent", key_of(image), encode)
+    edited = get_or_compute(cache, "latent", key_of(image), encode)
     assert len(calls) == 3 and edited["latent"][0, 0, 0] == 3
     assert (cache.stats.hits, cache.stats.misses) == (2, 3)
 
@@ -101,7 +109,7 @@ def test_unreadable_entry_is_a_miss_and_is_rewritten(tmp_path):
     path = cache.put("latent", key, {"a": torch.ones(2)})
     path.write_bytes(b"\x00garbage")
     assert cache.get("latent", key) is None and cache.stats.unreadable == 1
-    out = cache.get_or_compute("latent", key, lambda: {"a": torch.zeros(2)})
+    out = get_or_compute(cache, "latent", key, lambda: {"a": torch.zeros(2)})
     assert torch.equal(out["a"], torch.zeros(2)) and torch.equal(cache.get("latent", key)["a"], torch.zeros(2))
 
 

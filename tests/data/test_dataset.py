@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eridiffusion.data.buckets import BucketConfig
+from eridiffusion.data.buckets import BucketBatchSampler, BucketConfig
 from eridiffusion.data.dataset import (
     SKIP_BOMB,
     SKIP_CORRUPT,
@@ -238,7 +238,7 @@ def test_repeats_from_kohya_folders(tmp_path):
     assert ds.report.samples == 24 and ds.report.used == 4
     assert sum(ds.report.skipped_counts.values()) == 1  # e.png in 0_off
     # The sampler honours repeats: each item repeats[i] times per epoch.
-    seen = Counter(i for batch in ds.sampler(batch_size=3, seed=0) for i in batch)
+    seen = Counter(i for batch in BucketBatchSampler(ds.buckets, 3, 0, repeats=ds.repeats) for i in batch)
     assert [seen[i] for i in range(len(ds))] == ds.repeats
     # default_repeats (the config's data.repeats) applies only outside `N_name` folders
     ds = build_dataset(tmp_path, TINY, default_repeats=5)

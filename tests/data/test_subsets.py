@@ -9,7 +9,7 @@ from PIL import Image
 
 from eridiffusion.config import ConfigError, TrainConfig
 from eridiffusion.data import images
-from eridiffusion.data.buckets import BucketConfig
+from eridiffusion.data.buckets import BucketBatchSampler, BucketConfig
 from eridiffusion.data.dataset import (
     DatasetError,
     IGNORE_EXCLUDED,
@@ -65,7 +65,7 @@ def test_subsets_repeats_and_regularization_like_kohya(tmp_path):
     assert "38 samples per epoch: 19 train + 19 regularization" in str(ds.report)
     assert [it.subset for it in ds.items] == [0, 0, 0, 1, 1, 2, 2, 2, 2]
     assert ds.loss_weights == [1.0] * 5 + [0.5] * 4
-    seen = Counter(i for batch in ds.sampler(batch_size=4, seed=0) for i in batch)
+    seen = Counter(i for batch in BucketBatchSampler(ds.buckets, 4, 0, repeats=ds.repeats) for i in batch)
     assert [seen[i] for i in range(len(ds))] == ds.repeats
     assert sum(seen[i] for i in range(len(ds)) if ds[i].is_reg) == 19
     out = ds.load_item(8)
@@ -119,7 +119,7 @@ def test_batches_never_mix_buckets_across_subsets(tmp_path):
         _rgb(tmp_path / "b" / f"{n}.png", w, h)
     ds = build_datasets(_data(subsets=[{"dir": str(tmp_path / "a")},
                                        {"dir": str(tmp_path / "b"), "resolution": 192, "bucket_min": 128}]))
-    for batch in ds.sampler(batch_size=3, seed=1):
+    for batch in BucketBatchSampler(ds.buckets, 3, 1, repeats=ds.repeats):
         assert len({ds[i].bucket for i in batch}) == 1
 
 
