@@ -52,6 +52,10 @@ class CLIPTextConfig:
     def tiny(cls) -> CLIPTextConfig:
         return cls(width=32, layers=3, heads=4, mlp_dim=64)
 
+    @classmethod
+    def micro(cls) -> CLIPTextConfig:
+        return cls(width=16, layers=2, heads=2, mlp_dim=32)
+
 
 @dataclass(frozen=True)
 class OpenCLIPTextConfig:
@@ -74,6 +78,10 @@ class OpenCLIPTextConfig:
     @classmethod
     def tiny(cls) -> OpenCLIPTextConfig:
         return cls(width=64, layers=3, heads=4, mlp_dim=128, proj_dim=64)
+
+    @classmethod
+    def micro(cls) -> OpenCLIPTextConfig:
+        return cls(width=24, layers=2, heads=2, mlp_dim=48, proj_dim=24)
 
 
 def quick_gelu(x: Tensor) -> Tensor:

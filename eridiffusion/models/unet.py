@@ -60,6 +60,12 @@ class UNetConfig:
         return cls(32, (1, 2, 4), 2, (0, 1, 1), 1, (2, 4, 8), 96, True, 256, 32)
 
     @classmethod
+    def micro(cls) -> UNetConfig:
+        # the shipped shapes model (eridiffusion/tiny/weights): 32-64-64 channels, attention on
+        # levels 1-2, 16 channels per head; context 40 = 16 + 24, adm = 6 * 16 + 24
+        return cls(32, (1, 2, 2), 2, (0, 1, 1), 1, (2, 4, 4), 40, True, 120, 16)
+
+    @classmethod
     def tiny_sd15(cls) -> UNetConfig:
         return cls(32, (1, 2, 2), 2, (1, 1, 0), 1, (4, 4, 4), 32, False)
 
