@@ -151,19 +151,3 @@ def all_finite(*tensors) -> bool:
     flags = [torch.isfinite(t).all() for t in tensors if t is not None]
     return bool(torch.stack(flags).all()) if flags else True
 
-
-def check_outputs(output_dir: str | Path, name: str, allowed: bool) -> None:
-    """Refuse to start a run over the outputs of an earlier one unless `allowed` (overwrite or resume)."""
-    from eridiffusion.config import ConfigError
-
-    out = Path(output_dir)
-    if allowed or not out.is_dir():
-        return
-    found = [p for p in (out / f"{name}.safetensors", out / "state" / "state.json", out / "loss.csv") if p.is_file()]
-    found += sorted(out.glob(f"{name}-step*.safetensors"))
-    if found:
-        raise ConfigError(
-            f"save.output_dir = {str(out)!r} already holds {found[0].relative_to(out)} from an earlier run: "
-            "pass --overwrite (save.overwrite=true) to replace it, train.resume=true to continue it, "
-            "or choose another save.output_dir"
-        )

@@ -47,6 +47,7 @@ from eridiffusion.data.buckets import (
     resize_crop_flip,
 )
 from eridiffusion.data.cache import file_digest
+from eridiffusion.runs import holds_run
 from eridiffusion.data.captions import (  # noqa: F401  (re-exported: the dataset API)
     FROM_DEFAULT,
     FROM_FILE,
@@ -241,10 +242,10 @@ def scan_subset(
 ) -> list[Item]:
     """Usable images below `subset.folder` in sorted order; records the rest in `report`.
 
-    Hidden files and folders, `masks/` folders and folders in `exclude` (e.g. the output folder
-    inside the data folder) are not entered. An image is small when its shorter side is below
-    `subset.buckets.min_side`; it is upscaled (`upscale_small`) or skipped. Raises DatasetError
-    when the subset has no usable image.
+    Hidden files and folders, `masks/` folders, folders in `exclude` (e.g. the cache inside the
+    data folder) and any run's output folder (it holds `runs.RECORD`) are not entered. An image
+    is small when its shorter side is below `subset.buckets.min_side`; it is upscaled
+    (`upscale_small`) or skipped. Raises DatasetError when the subset has no usable image.
     """
     root, bucket_cfg = subset.folder, subset.buckets
     if not root.is_dir():
@@ -258,10 +259,10 @@ def scan_subset(
         for d in sorted(dirnames):
             if d.startswith("."):
                 report.ignore(here / d, IGNORE_HIDDEN)
-            elif _under((here / d).resolve(), excluded):
+            elif _under((here / d).resolve(), excluded) or holds_run(here / d):
                 report.ignore(here / d, IGNORE_EXCLUDED)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != MASK_FOLDER
-                             and not _under((here / d).resolve(), excluded))  # fmt: skip
+                             and not _under((here / d).resolve(), excluded) and not holds_run(here / d))  # fmt: skip
         if "metadata.jsonl" in filenames:
             metadata[here], problems = read_metadata(here / "metadata.jsonl")
             report.warnings.extend(problems)

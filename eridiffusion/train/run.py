@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eridiffusion import distributed, faults, optim, pipeline, speed
+from eridiffusion import distributed, faults, optim, pipeline, runs, speed
 from eridiffusion.checkpoint import Components
 from eridiffusion.config import TrainConfig
 from eridiffusion.data.buckets import BucketBatchSampler
@@ -108,9 +108,9 @@ class Saver:
     """Rank 0's trained weights (final name or -step{N}), state and loss.png."""
 
     def __init__(self, cfg: TrainConfig, s: Setup, trainable, opt: optim.Optim, sampler, generators, runlog: RunLog,
-                 prediction: str, t_start: float, main: bool):  # fmt: skip
+                 prediction: str, t_start: float, main: bool, run_id: str = ""):  # fmt: skip
         self.__dict__.update(cfg=cfg, s=s, trainable=trainable, opt=opt, sampler=sampler, generators=generators,
-                             runlog=runlog, prediction=prediction, t_start=t_start, main=main)  # fmt: skip
+                             runlog=runlog, prediction=prediction, t_start=t_start, main=main, run_id=run_id)  # fmt: skip
         self.out = Path(cfg.save.output_dir)
 
     def __call__(self, step: int, final: bool) -> Path | None:
@@ -122,19 +122,29 @@ class Saver:
         with self.opt.eval_mode():  # schedule-free optimizers save their evaluation weights
             t.save(path, step, self.sampler.epoch, len(self.s.dataset), self.prediction)
         save_state(self.out / "state", step, t, self.opt.optimizer, distributed.sampler_state(self.sampler),
-                   self.generators, self.runlog.history, time.perf_counter() - self.t_start, self.cfg)  # fmt: skip
+                   self.generators, self.runlog.history, time.perf_counter() - self.t_start, self.cfg,
+                   run_id=self.run_id)  # fmt: skip
         plot_loss(self.out / "loss.png", self.runlog.history, title=f"{self.cfg.save.name}: loss per step")
         return path
 
 
 def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop_after: int | None = None,
-          log: Log = print, progress: bool = True) -> TrainResult:  # fmt: skip
+          log: Log = print, progress: bool = True, kind: str = "train") -> TrainResult:  # fmt: skip
     """Train a LoRA as `cfg` says; resume from `resume_dir` (or `save.output_dir/state` when
-    `train.resume`). `stop_after=N` stops after step N as an interruption would (state saved)."""
+    `train.resume`). `stop_after=N` stops after step N as an interruption would (state saved).
+    `kind` ("train", "demo") is recorded in the folder's run record (runs.py)."""
     from tqdm import tqdm
 
     out, t_cfg = Path(cfg.save.output_dir), cfg.train
-    faults.check_outputs(out, cfg.save.name, cfg.save.overwrite or t_cfg.resume or resume_dir is not None)
+    resume_dir = out / "state" if resume_dir is None and t_cfg.resume else resume_dir
+    resume_dir = None if resume_dir is None else Path(resume_dir)
+    # before anything loads: the folders, the folder's run and the state to continue
+    runs.check_layout(cfg)
+    runs.check(out, kind, overwrite=cfg.save.overwrite, resume=resume_dir, name=cfg.save.name)
+    resumed = None if resume_dir is None else load_state(resume_dir)
+    if resumed is not None and t_cfg.max_steps and resumed[0]["step"] >= t_cfg.max_steps:
+        raise ConfigError(f"--resume {resume_dir}: the state is at step {resumed[0]['step']} and train.max_steps = "
+                          f"{t_cfg.max_steps}: nothing to train; pass train.max_steps=N with N > {resumed[0]['step']}")  # fmt: skip
     w = distributed.init(resolve_device(t_cfg.device))  # torchrun: join the group; else one process
     if t_cfg.cuda_graph:
         check_cuda_graph(cfg, w.device, w.size)
@@ -182,11 +192,13 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     generators = {"data": torch.Generator().manual_seed(t_cfg.seed + 1),  # flips, caption dropout, tag order
                   "noise": torch.Generator(device).manual_seed(t_cfg.seed + 2)}  # timesteps, noise, latents
     step, history, elapsed0 = 0, [], 0.0
-    resume_dir = out / "state" if resume_dir is None and t_cfg.resume else resume_dir
-    if resume_dir is not None:
-        meta, tensors = load_state(Path(resume_dir))
-        check_resumable(Path(resume_dir), meta["config"], cfg)
-        restore(Path(resume_dir), meta, tensors, trainable, opt, generators)
+    if resumed is not None:
+        meta, tensors = resumed
+        if meta["step"] >= total:  # a budget from train.epochs
+            raise ConfigError(f"--resume {resume_dir}: the state is at step {meta['step']} and this run stops at step "
+                              f"{total}: nothing to train; raise train.max_steps or train.epochs")  # fmt: skip
+        check_resumable(resume_dir, meta["config"], cfg)
+        restore(resume_dir, meta, tensors, trainable, opt, generators)
         if not distributed.restore_sampler(sampler, meta["sampler"]):
             log(f"resume: global batch {meta['sampler']['global_batch']} → {sampler.batch_size}, "
                 "continuing at the same epoch and sample count (not the same batches)")  # fmt: skip
@@ -202,18 +214,20 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
                            cuda_graph=t_cfg.cuda_graph, synced=synced, fsdp=fsdp, world=w, device=device)  # fmt: skip
 
     # -- the loop -------------------------------------------------------------------------
-    if w.main:
-        out.mkdir(parents=True, exist_ok=True)
+    run_id = ""
+    if w.main:  # the folder becomes this run's: a replaced run's files move to .replaced/<run id>/
+        run_id = runs.claim(out, kind, runs.config_hash(cfg), overwrite=cfg.save.overwrite, resume=resume_dir,
+                            name=cfg.save.name).run_id  # fmt: skip
         for stale in remove_temp_files(out) + remove_temp_files(out / "state"):
             log(f"removed {stale}, a partial write of a killed run")
-        write_text(out / "config.toml", cfg.to_toml())
+        write_text(out / "config.toml", runs.saved_config(cfg).to_toml())  # without overwrite / resume
         s.dataset.report.write(out / "dataset_report.txt")  # every skipped / ignored file and why
     t_start = time.perf_counter() - elapsed0
     log(f"training {total} steps (batch {t_cfg.batch_size} × {w.size} processes × accumulation {t_cfg.grad_accum}"
         f" = global batch {t_cfg.batch_size * w.size * t_cfg.grad_accum}, {per_epoch} steps per epoch) → {out}")
     bar = tqdm(total=total, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
     runlog = RunLog(out, history, w.main, cfg.log.tensorboard, bar, log, device)
-    save = Saver(cfg, s, trainable, opt, sampler, generators, runlog, prediction, t_start, w.main)
+    save = Saver(cfg, s, trainable, opt, sampler, generators, runlog, prediction, t_start, w.main, run_id)
     guard, lora_path, interrupted, saved_at, fault = train_step.guard, None, False, 0, None
     stop = faults.StopSignals(log).install()  # SIGINT / SIGTERM: finish this step, save, exit 130 / 143
     try:
@@ -265,6 +279,8 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
         lora_path = save(step, final=False)
     elif not interrupted:
         lora_path = save(step, final=True)
+        if w.main:
+            runs.finish(out)  # the runs this one replaced are gone only now
         log(f"saved {lora_path}, {out / 'loss.csv'}, {out / 'loss.png'}")
     runlog.close()
     if fault is not None:

@@ -37,8 +37,9 @@ def _rng_tensors(generators: dict[str, torch.Generator]) -> tuple[dict[str, torc
 
 def save_state(folder: Path, step: int, trainable, optimizer: torch.optim.Optimizer, sampler_state: dict,
                generators: dict[str, torch.Generator], history: list[list[float]], elapsed: float,
-               cfg: TrainConfig) -> None:  # fmt: skip
-    """Write the state of step `step` to `folder` (see the module docstring)."""
+               cfg: TrainConfig, run_id: str = "") -> None:  # fmt: skip
+    """Write the state of step `step` to `folder` (see the module docstring); `run_id` names the
+    run it belongs to (runs.py: a resume into another run's folder is refused)."""
     tensors: dict[str, torch.Tensor] = {}
     tensors.update({f"lora.{k}": v for k, v in trainable.state_tensors().items()})
     opt = optimizer.state_dict()
@@ -57,7 +58,7 @@ def save_state(folder: Path, step: int, trainable, optimizer: torch.optim.Optimi
     meta = {
         "format": FORMAT, "step": step, "tensors": name,
         "optimizer": {"param_groups": opt["param_groups"], "scalars": opt_scalars},
-        "rng": rng_meta, "sampler": sampler_state, "history": history, "elapsed": elapsed, "config": cfg.to_dict(),
+        "rng": rng_meta, "sampler": sampler_state, "history": history, "elapsed": elapsed, "config": cfg.to_dict(), "run_id": run_id,
     }  # fmt: skip
     write_text(folder / "state.json", json.dumps(meta))
     for old in folder.glob("state-step*.safetensors"):

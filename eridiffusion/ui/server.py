@@ -26,11 +26,11 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Route
 
 import eridiffusion
-from eridiffusion import faults
 from eridiffusion.config import ConfigError
 from eridiffusion.data.buckets import BucketConfig
 from eridiffusion.errors import UserError
 from eridiffusion.io import write_text
+from eridiffusion.runs import check as check_folder
 from eridiffusion.ui import datasets, runs, schema
 from eridiffusion.ui.jobs import Busy, SampleJob, TrainJob
 from eridiffusion.ui.paths import PathRefused, Root
@@ -112,7 +112,8 @@ class UI:
         out = self.root.resolve(cfg.save.output_dir)
         errors = self._inputs_missing(cfg, raw)
         try:
-            faults.check_outputs(out, cfg.save.name, cfg.save.overwrite or cfg.train.resume)
+            check_folder(out, overwrite=cfg.save.overwrite, resume=out / "state" if cfg.train.resume else None,
+                         name=cfg.save.name)  # fmt: skip
         except ConfigError as e:
             errors["save.output_dir"] = str(e)
         if errors:
