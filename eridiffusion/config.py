@@ -88,6 +88,8 @@ class DataConfig:
     upscale_small: bool = True  # images below the smallest bucket are upscaled (False: skipped)
     alpha_mask: bool = False  # an image's alpha channel is its loss mask when it has no mask file
     prior_loss_weight: float = 1.0  # loss weight of is_reg subsets' images
+    validation_split: float = 0.0  # share of each subset's images held out for the validation loss
+    validation_dir: str = ""  # a folder of validation images (instead of validation_split)
     subsets: tuple[SubsetConfig, ...] = ()
 
     def _resolve(self, s: SubsetConfig) -> SubsetConfig:
@@ -103,6 +105,10 @@ class DataConfig:
         step = self.bucket_step
         _check(source, "data.bucket_step", step, step > 0 and step % 8 == 0, "a positive multiple of 8")
         _check(source, "data.prior_loss_weight", self.prior_loss_weight, self.prior_loss_weight >= 0, ">= 0")
+        _check(source, "data.validation_split", self.validation_split, 0.0 <= self.validation_split < 1.0,
+               "in [0, 1) (0 = no images held out)")
+        _check(source, "data.validation_split", self.validation_split, not (self.validation_split and self.validation_dir),
+               "0 when data.validation_dir is set (one or the other)")
         tables = [("data", self)] + [(f"data.subsets[{j}]", self._resolve(s)) for j, s in enumerate(self.subsets)]
         for prefix, d in tables:
             checks = [
@@ -181,6 +187,8 @@ class CacheConfig:
 class SaveConfig:
     output_dir: str = "runs/lora"
     every_n_steps: int = 0  # 0 = only at the end
+    every_n_epochs: int = 0  # 0 = not per epoch
+    keep_last: int = 0  # intermediate (-step) files kept, the newest; 0 = all
     save_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     name: str = "lora"  # file stem and modelspec title
     overwrite: bool = False  # replace the outputs of an earlier run in save.output_dir
@@ -190,14 +198,20 @@ class SaveConfig:
 class LogConfig:
     every: int = 10  # steps between loss.csv rows / progress-bar updates
     tensorboard: bool = True
+    validation_every_n_steps: int = 0  # with a validation set; 0 = once per epoch
+    wandb: bool = False  # Weights & Biases (pip install 'eridiffusion[log]'; WANDB_MODE=offline works)
+    wandb_project: str = "eridiffusion"
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    prompts: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = ()  # each may carry kohya options: "a cat --n blurry --w 832 --d 3"
+    prompt_file: str = ""  # kohya .txt prompt file, one prompt per line (used with prompts)
     negative: str = ""
     seeds: tuple[int, ...] = ()
     every_n_steps: int = 0
+    every_n_epochs: int = 0
+    at_start: bool = False  # a grid at step 0, before training
     steps: int = 30
     cfg: float = 7.0
     sampler: Literal["euler", "euler_a", "dpmpp_2m", "ddim"] = "euler"
@@ -330,9 +344,13 @@ class TrainConfig:
              "auto, cpu, cuda, cuda:N or mps"),
             ("train.max_nonfinite", t.max_nonfinite >= 0, ">= 0 (0 = no check)"),
             ("save.every_n_steps", self.save.every_n_steps >= 0, ">= 0 (0 = only at the end)"),
+            ("save.every_n_epochs", self.save.every_n_epochs >= 0, ">= 0 (0 = not per epoch)"),
+            ("save.keep_last", self.save.keep_last >= 0, ">= 0 (0 = keep every file)"),
             ("save.name", _is_file_stem(self.save.name), "a plain file name (no / \\ : or leading dot)"),
             ("log.every", self.log.every > 0, "> 0"),
+            ("log.validation_every_n_steps", self.log.validation_every_n_steps >= 0, ">= 0 (0 = once per epoch)"),
             ("sample.every_n_steps", self.sample.every_n_steps >= 0, ">= 0"),
+            ("sample.every_n_epochs", self.sample.every_n_epochs >= 0, ">= 0"),
             ("sample.steps", self.sample.steps > 0, "> 0"),
             ("sample.cfg", self.sample.cfg >= 0, ">= 0"),
             ("sample.size", all(s > 0 and s % 8 == 0 for s in self.sample.size), "[width, height], multiples of 8"),
@@ -342,6 +360,10 @@ class TrainConfig:
                 section, name = key.split(".")
                 value = getattr(getattr(self, section), name)
                 raise ConfigError(f"{source}: {key} = {_toml_value(_plain(value))} is invalid: must be {expected}")
+        from eridiffusion.prompts import parse_prompt
+
+        for j, prompt in enumerate(self.sample.prompts):
+            parse_prompt(prompt, f"{source}: sample.prompts[{j}]")
 
     def check_paths(self) -> None:
         """Check the input paths exist (done when training starts, not at parse time)."""
@@ -358,6 +380,10 @@ class TrainConfig:
         for j, subset in enumerate(self.data.subsets):
             if not os.path.isdir(subset.dir):
                 raise ConfigError(f"data.subsets[{j}].dir = {subset.dir!r} is not a folder: set it to a folder of images")
+        if self.data.validation_dir and not os.path.isdir(self.data.validation_dir):
+            raise ConfigError(f"data.validation_dir = {self.data.validation_dir!r} is not a folder: set it to a folder of images")
+        if self.sample.prompt_file and not os.path.isfile(self.sample.prompt_file):
+            raise ConfigError(f"sample.prompt_file = {self.sample.prompt_file!r} does not exist: set it to a .txt file")
 
     @property
     def cache_dir(self) -> str:

@@ -4,7 +4,8 @@
 kohya-format adapter file. A full fine-tune is another class with the same methods (train/
 stays unaware of which): `param_groups`, `parameters`, `state_tensors` / `load_state_tensors`
 (resume), `save(path, step, epoch, num_images, prediction)`, `final_name`, `step_name(step)`,
-`networks` (the adapter networks by kind; {} for a full fine-tune) and `describe()`.
+`networks` (the adapter networks by kind; {} for a full fine-tune), `describe()` and `metadata`
+(the run's kohya `ss_*` keys from train/metadata.py, written into every saved file).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class Adapters:
         self.nets = inject_adapters(cfg, components)
         self.networks = self.nets  # TrainResult.networks (a full fine-tune has none)
         self.final_name = f"{cfg.save.name}.safetensors"
+        self.metadata: dict[str, str] = {}  # set by train(): train.metadata.training_metadata
 
     def param_groups(self) -> list[dict]:
         o = self.cfg.optim
@@ -77,5 +79,6 @@ class Adapters:
             self.family, rank=lo.rank, alpha=lo.alpha, steps=step, epoch=epoch, resolution=cfg.data.resolution,
             num_images=num_images, title=cfg.save.name, conv_rank=conv_rank,
             conv_alpha=(lo.conv_alpha or lo.conv_rank) if conv_rank else None, prediction_type=prediction,
+            **self.metadata,
         )  # fmt: skip
         networks.save_lora(path, list(self.nets.values()), metadata=meta, dtype=DTYPES[cfg.save.save_dtype])

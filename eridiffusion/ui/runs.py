@@ -62,7 +62,7 @@ def read_loss(path: Path, skip: int = 0) -> list[list[float]]:
         lines = f.read().split("\n")[1:-1]  # header; the text after the last newline may be partial
     for line in lines[skip:]:
         try:
-            step, loss, lr, t = (float(x) for x in line.split(","))
+            step, loss, lr, t = (float(x) for x in line.split(",")[:4])  # then val_loss (may be empty)
         except ValueError:
             continue
         rows.append([step, loss, lr, t])
