@@ -27,21 +27,23 @@ An adapter class provides (torchtune's `AdapterModule` shape, plus files):
   parameters (`alpha`): written fp32, compared by value on resume.
 Several adapters on one layer (one per file) sit in an `AdapterStack`, applied in sequence.
 
-The LyCORIS types still to come implement the same protocol, `alpha` meaning the same (scale
-alpha / rank), each in its own small file beside `lora.py`:
-- LoHa (identifying `hada_w1_a`; `hada_w1_a/hada_w1_b/hada_w2_a/hada_w2_b`, Tucker `hada_t1/hada_t2`):
-  ΔW = (alpha/r) · (w1_a @ w1_b) ⊙ (w2_a @ w2_b) (Hadamard product).
-- LoKr (identifying ("lokr_w1", "lokr_w1_a"); `lokr_w1` | `lokr_w1_a/lokr_w1_b`, `lokr_w2` |
-  `lokr_w2_a/lokr_w2_b`, `lokr_t2`): ΔW = kron(w1, w2), factors given whole or as a/b products,
-  alpha / r applied only when a factor is low-rank.
-- DoRA: `dora_scale` beside another type's keys, so it joins that class's `suffixes` (ComfyUI's
-  `weight_decompose`): W' = dora_scale · (W + ΔW) / ‖W + ΔW‖, the norm per output row when
-  dora_scale's first dimension equals W's, else per input column.
+Training builds fresh adapters by type name (`lora.type`): each class lists its names in `algo`
+(`TYPES`: "lora"/"locon" → LoRA, "loha" → LoHa, "lokr" → LoKr) and provides
+`new(base, rank, alpha, dropout=0.0, **options)` (ΔW = 0 at step 0; `options` the names in its
+`options`, e.g. LoKr's factor / decompose_both). `network_args` are its LyCORIS `ss_network_args`.
+
+LyCORIS types, each in its own small file beside `lora.py`, `alpha` meaning the same (scale alpha / rank):
+- LoHa (`loha.py`; `hada_w1_a/hada_w1_b/hada_w2_a/hada_w2_b`): ΔW = (alpha/r) · (w1_a @ w1_b) ⊙ (w2_a @ w2_b).
+- LoKr (`lokr.py`; `lokr_w1` | `lokr_w1_a/lokr_w1_b`, `lokr_w2` | `lokr_w2_a/lokr_w2_b`):
+  ΔW = kron(w1, w2), alpha / r applied only when a factor is low-rank.
+- DoRA (`dora.py`): `dora_scale` beside another type's keys, a *modifier* (`MODIFIERS`): the class
+  reading the other keys, wrapped (`DoRA.of(cls)`); ComfyUI's `weight_decompose`.
+Tucker cores (`hada_t1/t2`, `lokr_t2`, `lora_mid`) are recognised, not applied (`LYCORIS_SUFFIXES`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import ClassVar
 
 import torch
@@ -49,11 +51,10 @@ from torch import nn
 
 from eridiffusion.errors import LoRAError
 
-# Suffixes of LyCORIS types we recognise but cannot apply yet (for detection and messages).
+# Suffixes of LyCORIS variants we recognise but cannot apply (for detection and messages).
 LYCORIS_SUFFIXES = {
-    **{s: "LoHa" for s in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")},
-    **{s: "LoKr" for s in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")},
-    "dora_scale": "DoRA",
+    **{s: "LoHa with a Tucker core" for s in ("hada_t1", "hada_t2")},
+    "lokr_t2": "LoKr with a Tucker core",
     "lora_mid.weight": "LoCon with a Tucker core",
 }
 
@@ -64,6 +65,8 @@ class Adapter(nn.Module):
     suffixes: ClassVar[tuple[str, ...]] = ()
     identifying: ClassVar[str | tuple[str, ...]] = ""
     hyper: ClassVar[tuple[str, ...]] = ("alpha",)  # compared by value on resume, not copied
+    algo: ClassVar[tuple[str, ...]] = ()  # names in `lora.type` that train this class (`TYPES`)
+    options: ClassVar[tuple[str, ...]] = ()  # keyword options of `new` (e.g. LoKr's factor)
 
     multiplier: float = 1.0
     merged: bool = False
@@ -90,6 +93,16 @@ class Adapter(nn.Module):
     @classmethod
     def check(cls, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int | None, list[str]]:
         raise NotImplementedError
+
+    @classmethod
+    def new(cls, base: nn.Module | torch.Tensor, rank: int, alpha: float, dropout: float = 0.0, **options) -> Adapter:
+        """A fresh adapter on `base` for training, ΔW = 0."""
+        raise NotImplementedError
+
+    @classmethod
+    def network_args(cls, **options) -> dict[str, str]:
+        """LyCORIS `ss_network_args` entries of this type ({} for kohya's networks.lora)."""
+        return {}
 
     def target(self) -> torch.Tensor:
         """The weight (or row block of a fused weight) that `merge` folds ΔW into."""
@@ -142,6 +155,10 @@ class AdapterStack(nn.Module):
 
 # identifying suffix -> adapter class
 ADAPTERS: dict[str, type[Adapter]] = {}
+# `lora.type` name -> adapter class
+TYPES: dict[str, type[Adapter]] = {}
+# modifier suffix -> wrap(class reading the module's other suffixes) -> class reading them all (DoRA)
+MODIFIERS: dict[str, Callable[[type[Adapter]], type[Adapter]]] = {}
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
@@ -154,11 +171,26 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
         if other is not None and other is not cls:
             raise LoRAError(f"register_adapter: suffix {ident!r} is already read by {other.__name__}")
     ADAPTERS.update(dict.fromkeys(idents, cls))
+    TYPES.update(dict.fromkeys(cls.algo, cls))
     return cls
 
 
+def register_modifier(suffix: str, wrap: Callable[[type[Adapter]], type[Adapter]]) -> None:
+    """A suffix that joins another type's keys (DoRA's `dora_scale`): `adapter_for` wraps the class
+    reading the rest with `wrap`."""
+    MODIFIERS[suffix] = wrap
+
+
+def adapter_type(name: str) -> type[Adapter]:
+    """The class `lora.type = name` trains."""
+    if name not in TYPES:
+        raise LoRAError(f"adapter type {name!r} unknown; use one of {sorted(TYPES)}")
+    return TYPES[name]
+
+
 def _suffixes(known: bool) -> list[str]:
-    names = {s for cls in ADAPTERS.values() for s in cls.suffixes} | (set(LYCORIS_SUFFIXES) if known else set())
+    names = {s for cls in ADAPTERS.values() for s in cls.suffixes} | set(MODIFIERS)
+    names |= set(LYCORIS_SUFFIXES) if known else set()
     return sorted(names, key=len, reverse=True)  # longest first: "lora_up.weight" before "weight"
 
 
@@ -187,6 +219,10 @@ def group_keys(keys: Iterable[str], known: bool = False) -> tuple[dict[str, set[
 def adapter_for(suffixes: Iterable[str]) -> type[Adapter] | None:
     """The registered class that reads one module's suffixes, or None."""
     suffixes = set(suffixes)
+    for modifier, wrap in MODIFIERS.items():
+        if modifier in suffixes:
+            inner = adapter_for(suffixes - {modifier})
+            return None if inner is None else wrap(inner)
     for ident, cls in ADAPTERS.items():
         if ident in suffixes and suffixes <= set(cls.suffixes):
             return cls
@@ -198,5 +234,5 @@ def unreadable(name: str, suffixes: Iterable[str]) -> str:
     suffixes = sorted(suffixes)
     kinds = sorted({LYCORIS_SUFFIXES[s] for s in suffixes if s in LYCORIS_SUFFIXES})
     if kinds:
-        return f"{name}: {'/'.join(kinds)} ({', '.join(suffixes)}) is not supported yet"
+        return f"{name}: {'/'.join(kinds)} ({', '.join(suffixes)}) is not supported"
     return f"{name}: no adapter type reads {', '.join(suffixes)} together (registered: {', '.join(sorted(ADAPTERS))})"

@@ -21,9 +21,10 @@ from torch import nn
 from eridiffusion.errors import LoRAError
 from eridiffusion.io import atomic_write
 from eridiffusion.networks import naming as names
-from eridiffusion.networks.base import Adapter, adapter_for, group_keys, unreadable
-from eridiffusion.networks.network import LoRANetwork, qkv_rows
+from eridiffusion.networks.base import ADAPTERS, Adapter, adapter_for, adapter_type, group_keys, unreadable
+from eridiffusion.networks.dora import DoRA
 from eridiffusion.networks.lora import LoRAQKV
+from eridiffusion.networks.network import LoRANetwork, qkv_rows
 
 
 @dataclass(frozen=True)
@@ -66,18 +67,27 @@ def lora_metadata(
     conv_rank: int | None = None,
     conv_alpha: float | None = None,
     prediction_type: str = "epsilon",
+    algo: str = "lora",
+    dora: bool = False,
+    options: Mapping[str, object] | None = None,
     **extra: object,
 ) -> dict[str, str]:
     """kohya `ss_*` fields and the SAI model spec (kohya `library/sai_model_spec.py`), all strings.
 
     family: a `Family` (its `base_model_version`, `architecture`, `implementation`), or its name in
-    `checkpoint.FAMILIES`. `extra` adds more keys (e.g. `ss_training_comment`,
-    `modelspec.trigger_phrase` as modelspec_trigger_phrase=...).
+    `checkpoint.FAMILIES`. algo / dora / options: the adapter type (`inject`'s); a LoRA / LoCon is
+    kohya's `networks.lora` (`ss_network_args` {conv_dim, conv_alpha} with convs), LoHa / LoKr /
+    DoRA are `lycoris.kohya` with `ss_network_args` as LyCORIS's kohya `--network_args` strings
+    ({"algo": "lokr", "conv_dim": "4", "conv_alpha": "4.0", "factor": "-1", ...}, `dora_wd`).
+    `extra` adds more keys (e.g. `ss_training_comment`, `modelspec.trigger_phrase` as modelspec_trigger_phrase=...).
     """
     family = _family(family)
+    cls = adapter_type(algo)
+    cls = DoRA.of(cls) if dora else cls
+    args = cls.network_args(**{k: v for k, v in (options or {}).items() if k in cls.options})
     w, h = (resolution, resolution) if isinstance(resolution, int) else resolution
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "lycoris.kohya" if args else "networks.lora",
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(float(alpha)),
         "ss_base_model_version": family.base_model_version,
@@ -96,7 +106,9 @@ def lora_metadata(
     }
     if conv_rank is not None:
         conv_alpha = conv_rank if conv_alpha is None else conv_alpha
-        meta["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": str(float(conv_alpha))})
+        args = {"conv_dim": str(conv_rank), "conv_alpha": str(float(conv_alpha))} | args
+    if args:
+        meta["ss_network_args"] = json.dumps(args)
     for k, v in extra.items():
         meta[k.replace("modelspec_", "modelspec.", 1) if k.startswith("modelspec_") else k] = str(v)
     return meta
@@ -148,6 +160,39 @@ def load_lora(path: str | os.PathLike) -> tuple[dict[str, AdapterWeights], dict[
                 raise LoRAError(f"{path}: {name}: {problems[0]}; the file is incomplete or damaged")
             out[name] = AdapterWeights(cls, {s: f.get_tensor(f"{name}.{s}").float() for s in suffixes})
     return out, metadata
+
+
+def load_into(nets: Mapping[str, LoRANetwork], path: str | os.PathLike) -> int:
+    """`lora.init_from` (kohya `--network_weights`): copy a file's adapters into freshly injected
+    networks (by kind). The file must hold exactly the networks' modules, of the same type, rank,
+    alpha and shapes; otherwise a one-line `LoRAError` naming the file and the first mismatch.
+    Returns the number of modules loaded."""
+    weights, _ = load_lora(path)
+    ours = {name: (kind, m) for kind, net in nets.items() for name, m in net.loras.items()}
+    missing, extra = sorted(set(ours) - set(weights)), sorted(set(weights) - set(ours))
+    if missing or extra:
+        raise LoRAError(f"{path}: its modules differ from the configured targets: {len(missing)} missing "
+                        f"{missing[:2]}, {len(extra)} not targeted {extra[:2]}; use the targets / conv_rank / "
+                        "train_text_encoder it was trained with")  # fmt: skip
+    for name, w in weights.items():
+        m = ours[name][1]
+        mine = _adapter_class(m)
+        if w.cls is not mine:
+            raise LoRAError(f"{path}: {name} is {w.cls.__name__}, the config trains {mine.__name__}; "
+                            "set lora.type / lora.dora as the file was trained")  # fmt: skip
+        rank = mine.check({s: tuple(t.shape) for s, t in m.state_tensors().items()})[0]
+        if None not in (w.rank, rank) and w.rank != rank:  # LoKr with whole factors has none: shapes decide
+            raise LoRAError(f"{path}: {name} has rank {w.rank}, the config {rank}; set lora.rank / conv_rank to {w.rank}")
+    for kind, net in nets.items():
+        net.load_tensors({f"{n}.{s}": t for n, w in weights.items() if ours[n][0] == kind
+                          for s, t in w.tensors.items()}, str(path))  # fmt: skip
+    return len(weights)
+
+
+def _adapter_class(m: Adapter) -> type[Adapter]:
+    """The registered class (or DoRA over one) an adapter module belongs to (LoRALinear → LoRA)."""
+    registered = set(ADAPTERS.values())
+    return next(c for c in type(m).__mro__ if c in registered or "inner_cls" in vars(c))
 
 
 def models_by_kind(components) -> dict[str, nn.Module]:

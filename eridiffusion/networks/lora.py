@@ -53,6 +53,7 @@ class LoRA(Adapter):
 
     suffixes = ("lora_down.weight", "lora_up.weight", "alpha")
     identifying = "lora_down.weight"
+    algo = ("lora", "locon")  # LoCon = LoRA with conv_rank on the k×k convs
 
     def _init_lora(self, down: nn.Module, up: nn.Module, rank: int, alpha: float, dropout: float):
         self.rank = rank
@@ -97,6 +98,13 @@ class LoRA(Adapter):
         if len(up) < 2 or up[1] != down[0]:
             return down[0], [f"lora_up {list(up)} does not match rank {down[0]}"]
         return down[0], []
+
+    @classmethod
+    def new(cls, base: nn.Module | Rows, rank: int, alpha: float, dropout: float = 0.0) -> LoRA:
+        """A fresh LoRA (up = 0) on a Linear, a Conv2d (LoCon) or fused q/k/v rows."""
+        if isinstance(base, Rows):
+            return LoRADelta(base.shape[1], base.shape[0], rank, alpha, dropout, base.weight.device, base)
+        return (LoRAConv2d if isinstance(base, nn.Conv2d) else LoRALinear)(base, rank, alpha, dropout)
 
     @classmethod
     def from_tensors(cls, base: nn.Module | Rows, tensors: Mapping[str, torch.Tensor]) -> LoRA:

@@ -10,8 +10,9 @@ from torch import nn
 
 from eridiffusion.errors import LoRAError
 from eridiffusion.networks import naming as names
-from eridiffusion.networks.base import Adapter, AdapterStack, group_keys
-from eridiffusion.networks.lora import LoRAConv2d, LoRALinear, LoRAQKV, Rows
+from eridiffusion.networks.base import Adapter, AdapterStack, adapter_type, group_keys
+from eridiffusion.networks.dora import DoRA
+from eridiffusion.networks.lora import LoRAQKV, Rows
 
 
 class LoRANetwork(nn.Module):
@@ -132,8 +133,11 @@ def inject(
     conv_alpha: float | None = None,
     dropout: float = 0.0,
     naming: str | None = None,
+    algo: str = "lora",
+    dora: bool = False,
+    options: Mapping[str, object] | None = None,
 ) -> LoRANetwork:
-    """Freeze `model` and wrap its target layers with LoRA; returns the network (by kohya name).
+    """Freeze `model` and wrap its target layers with adapters; returns the network (by kohya name).
 
     kind: "unet", "te1" (SDXL CLIP-L), "te2" (SDXL bigG, open_clip layout), "te" (SD1.5 CLIP-L).
     targets: fnmatch patterns over module paths (`*` crosses dots); default `UNET_TARGETS`
@@ -142,7 +146,13 @@ def inject(
     (conv_rank, conv_alpha), conv_alpha defaulting to conv_rank (scale 1).
     naming: the UNet's kohya names, "ldm" or "diffusers" (`Family.unet_lora_naming`); None infers
     it from the model. A1111/Forge apply a te2 attention LoRA only if q, k, v and out_proj are all present.
+    algo: the adapter type by `lora.type` name (`base.TYPES`: lora, locon, loha, lokr); dora wraps it
+    in `DoRA`; options: settings of the type (e.g. LoKr's factor, decompose_both), those it does
+    not take ignored.
     """
+    cls = adapter_type(algo)
+    cls = DoRA.of(cls) if dora else cls
+    options = {k: v for k, v in (options or {}).items() if k in cls.options}
     if kind not in names.PREFIXES:
         raise LoRAError(f"inject: kind {kind!r} unknown; use one of {sorted(names.PREFIXES)}")
     if targets is None:
@@ -165,18 +175,18 @@ def inject(
             r, a = conv_rank, conv_alpha
         else:
             r, a = rank, alpha
-        _add_fresh(net, model, path, module, kohya, r, a, dropout)
+        _add_fresh(net, model, path, module, kohya, lambda base: cls.new(base, r, a, dropout, **options))
     return net
 
 
-def _add_fresh(net: LoRANetwork, model: nn.Module, path: str, module: nn.Module, kohya: list[str],
-               rank: int, alpha: float, dropout: float) -> None:  # fmt: skip
-    """A new LoRA (up = 0) on one layer: LoRAQKV for a fused attention, else LoRAConv2d / LoRALinear."""
+def _add_fresh(net: LoRANetwork, model: nn.Module, path: str, module: nn.Module, kohya: list[str], new) -> None:
+    """A new adapter (ΔW = 0, `new(base)`) on one layer: on each q/k/v row block of a fused
+    attention (`LoRAQKV`), else on the layer."""
     if names.is_fused_attn(module):
-        unit = LoRAQKV.new(module, rank, alpha, dropout)
+        unit = LoRAQKV(module, [new(qkv_rows(module, i)) for i in range(3)])
         adapters = unit.branches
     else:
-        unit = (LoRAConv2d if isinstance(module, nn.Conv2d) else LoRALinear)(module, rank, alpha, dropout)
+        unit = new(module)
         adapters = [unit]
     net.add_layer(model, path, module, [unit])
     for name, adapter in zip(kohya, adapters):

@@ -190,8 +190,9 @@ def test_lycoris_files_are_named_in_the_error(tmp_path):
     path = tmp_path / "loha.safetensors"
     name = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
     save_file({f"{name}.{s}": torch.zeros(2, 64) for s in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+              | {f"{name}.{s}": torch.zeros(2, 2, 3, 3) for s in ("hada_t1", "hada_t2")}
               | {f"{name}.alpha": torch.tensor(2.0)}, str(path))
-    with pytest.raises(networks.LoRAError, match=r"LoHa \(alpha, hada_w1_a.*is not supported yet"):
+    with pytest.raises(networks.LoRAError, match=r"LoHa with a Tucker core \(alpha, hada_t1.*is not supported"):
         networks.load_lora(path)
     assert checkpoint.lora_modules([f"{name}.hada_w1_a", f"{name}.alpha", "model.x.weight"]) == [name]
 
