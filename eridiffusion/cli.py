@@ -50,32 +50,39 @@ def command(name: str, help: str, *args: tuple[tuple[str, ...], dict], passthrou
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from eridiffusion import __version__
+
     parser = argparse.ArgumentParser(prog="eri", description="LoRA training for SDXL and SD1.5.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for cmd in COMMANDS.values():
         p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, add_help=not cmd.passthrough)
         for flags, kwargs in cmd.args:
             p.add_argument(*flags, **kwargs)
-        p.set_defaults(run=cmd.run)
+        p.set_defaults(run=cmd.run, parser=p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
-    if extra and not COMMANDS[args.command].passthrough:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if not COMMANDS[args.command].passthrough:  # flags anywhere: eri train CONFIG --overwrite k=v
+        rest = argv[argv.index(args.command) + 1 :]
+        args, extra = args.parser.parse_intermixed_args(rest, argparse.Namespace(command=args.command)), []
     args.extra = extra
     try:
         return args.run(args)
-    except UserError as e:
-        print(f"eri {args.command}: {e}", file=sys.stderr)
-        return e.exit_code
-    except OSError as e:  # a full disk is the user's to fix; any other OSError is a bug
-        if not is_disk_full(e):
-            raise
-        print(f"eri {args.command}: {DiskFull(e.filename or '.')}", file=sys.stderr)
-        return DiskFull.exit_code
+    except Exception as e:
+        from eridiffusion import distributed
+
+        error = distributed.error_for(e)  # torchrun: told to the other ranks, or the rank that failed first
+        if isinstance(error, OSError) and is_disk_full(error):  # a full disk is the user's to fix
+            error = DiskFull(error.filename or ".")
+        if not isinstance(error, UserError):
+            raise  # a bug: keep its traceback
+        print(f"eri {args.command}: {error}", file=sys.stderr)
+        return error.exit_code
 
 
 # -- eri inspect ------------------------------------------------------------------------

@@ -283,7 +283,13 @@ class TrainConfig:
                 raw = tomllib.load(f)
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML ({e})") from None
-        return cls.from_dict(apply_overrides(raw, overrides), source=path)
+        if overrides:
+            try:
+                cls.from_dict(raw, source=path)
+            except ConfigError:  # the file alone is at fault (or the command line completes it)
+                return cls.from_dict(apply_overrides(raw, overrides), source=path)
+            return cls.from_dict(apply_overrides(raw, overrides), source="command line")  # the file alone is valid
+        return cls.from_dict(raw, source=path)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain nested dict (tuples as lists), the inverse of `from_dict`."""
@@ -369,6 +375,9 @@ class TrainConfig:
         """Check the input paths exist (done when training starts, not at parse time)."""
         if not self.model.path:
             raise ConfigError("model.path is empty: set it in the config or pass model.path=/path/to/model.safetensors")
+        if os.path.isdir(self.model.path):
+            raise ConfigError(f"model.path = {self.model.path!r} is a folder: diffusers folders are not read; pass the "
+                              "single-file checkpoint, e.g. model.path=/models/sd_xl_base_1.0.safetensors")  # fmt: skip
         if not os.path.isfile(self.model.path):
             raise ConfigError(
                 f"model.path = {self.model.path!r} does not exist: pass model.path=/path/to/model.safetensors"

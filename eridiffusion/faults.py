@@ -24,16 +24,16 @@ SIGNAL_NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
 
 class DiskFull(FaultError):
-    def __init__(self, path: str | Path):
+    """`then`: what to do (the default is a training run's advice)."""
+
+    def __init__(self, path: str | Path, then: str = "free some space or set save.output_dir to another disk, "
+                 "then resume with train.resume=true"):  # fmt: skip
         self.path = Path(path)
         try:
             free = f"{shutil.disk_usage(self.path.parent).free / 2**20:.1f} MiB free"
         except OSError:
             free = "free space unknown"
-        super().__init__(
-            f"{self.path}: disk full while saving ({free}); the previous file is kept: free some space "
-            "or set save.output_dir to another disk, then resume with train.resume=true"
-        )
+        super().__init__(f"{self.path}: disk full while saving ({free}); the previous file is kept: {then}")
 
 
 class NonFiniteLoss(FaultError):

@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from eridiffusion import __version__, checkpoint, networks, samplers, speed
 from eridiffusion.io import atomic_write
 from eridiffusion.devices import DTYPES, resolve_device
 from eridiffusion.errors import PipelineError
+from eridiffusion.faults import DiskFull, is_disk_full
 
 TILE_ABOVE = 128 * 128  # latent pixels (1024² images) above which the VAE decodes in tiles
 VAE_TILE, VAE_OVERLAP = 64, 16  # latent pixels (512 / 128 image pixels)
@@ -287,8 +289,7 @@ def save_new_png(image: Image.Image, folder: str | os.PathLike, stem: str, info:
     """Save as `folder/NNNNN-stem.png` with the next free number; never overwrites a file and
     never leaves a torn one (written aside, then claimed with an exclusive link, so parallel
     runs cannot collide either)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = writable_folder(folder)
     numbers = [int(p.name[:5]) for p in folder.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")]
     n = max(numbers, default=-1) + 1
     while True:
@@ -297,6 +298,26 @@ def save_new_png(image: Image.Image, folder: str | os.PathLike, stem: str, info:
             return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), exclusive=True)
         except FileExistsError:
             n += 1
+        except DiskFull:
+            raise DiskFull(path, then="free some space or pass --out on another disk") from None
+
+
+def writable_folder(folder: str | os.PathLike, flag: str = "--out") -> Path:
+    """`folder`, created if missing, after a test write; one line when it is a file, read-only or
+    on a full disk (checked before a model loads, so nothing is rendered in vain)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise PipelineError(f"{flag} {folder}: is a file, not a folder; pass a folder (images are numbered inside it)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".eri-write-test.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        if is_disk_full(e):
+            raise DiskFull(folder / "x", then="free some space or pass --out on another disk") from None
+        raise PipelineError(f"{flag} {folder}: cannot write there ({e.strerror or e}); pass a folder you can write") from None
+    return folder
 
 
 # -- `eri sample` ---------------------------------------------------------------------------
@@ -314,12 +335,13 @@ def parse_lora(spec: str) -> tuple[str, float]:
     """"style.safetensors:0.8" → (path, 0.8); without ":SCALE" the scale is 1 (a Windows
     drive colon is kept, since what follows the last colon must be a number)."""
     path, sep, scale = spec.rpartition(":")
-    if sep:
-        try:
-            return path, float(scale)
-        except ValueError:
-            pass
-    return spec, 1.0
+    if not sep or os.path.isfile(spec) or (len(path) == 1 and scale[:1] in "/\\"):  # no scale, or C:\x.safetensors
+        return spec, 1.0
+    try:
+        return path, float(scale)
+    except ValueError:
+        raise PipelineError(f"--lora {spec}: bad strength {scale!r}; write FILE[:SCALE] with a number, "
+                            f"e.g. {path}:0.8") from None  # fmt: skip
 
 
 def sample_files(model: str | os.PathLike, prompts: Sequence[str], out: str | os.PathLike, negative: str = "",
@@ -337,6 +359,10 @@ def sample_files(model: str | os.PathLike, prompts: Sequence[str], out: str | os
             raise PipelineError(f"--lora {path}: file not found; pass FILE[:SCALE] with an existing .safetensors file")
     if batch < 1:
         raise PipelineError(f"--batch {batch} is invalid: use 1 or more")
+    if os.path.isdir(model):
+        raise PipelineError(f"--model {model}: is a folder; diffusers folders are not read: pass the single-file "
+                            "checkpoint (.safetensors)")  # fmt: skip
+    writable_folder(out)
     dev = resolve_device(device, "--device", prefer_mps=True)
     dtype = ("bf16" if dev.type == "cuda" else "fp32") if dtype == "auto" else dtype
     if dtype not in DTYPES:

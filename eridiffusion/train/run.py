@@ -269,6 +269,11 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
         interrupted = True
         fault = faults.out_of_memory(step + 1, t_cfg.batch_size, cfg.data.resolution, t_cfg.gradient_checkpointing,
                                      s.cache_latents and s.cache_text)  # fmt: skip
+        fault = distributed.error_for(fault)  # torchrun: the other ranks stop too
+    except Exception as e:  # torchrun: this rank's error (told to the others), or another's that broke a collective
+        if not w.distributed:
+            raise
+        interrupted, fault = True, distributed.error_for(e)
     finally:
         bar.close()
         stop.restore()
@@ -276,7 +281,8 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
         torch.cuda.empty_cache()
     interrupted = interrupted or (bool(stop.signum) and step < total)  # a signal in the last step: the run is done
     if interrupted and step and saved_at != step:
-        lora_path = save(step, final=False)
+        with stop:  # a signal now (torchrun's SIGTERM after another rank failed) waits for the save
+            lora_path = save(step, final=False)
     elif not interrupted:
         lora_path = save(step, final=True)
         if w.main:
