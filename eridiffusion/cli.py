@@ -265,21 +265,22 @@ def cache(args: argparse.Namespace) -> int:
 
 @command(
     "demo",
-    "train a LoRA on the embedded tiny model and a generated dataset (CPU, about a minute)",
+    "teach the shipped tiny shapes model a new shape (a star) with a LoRA on CPU, scored before and after",
     arg("--dir", default="runs/demo", help="output folder (default runs/demo)"),
-    arg("--steps", type=int, default=100, help="training steps (default 100)"),
+    arg("--steps", type=int, default=120, help="training steps (default 120)"),
+    arg("--overwrite", action="store_true", help="use --dir even if it holds files that are not a demo run's"),
 )
 def demo(args: argparse.Namespace) -> int:
-    from eridiffusion.tiny import demo_config, prepare
-    from eridiffusion.train import train as run
+    from eridiffusion.tiny import demo as tiny_demo
 
-    prepare(args.dir)
-    result = run(demo_config(args.dir, args.steps).replace(save={"overwrite": True}))  # the demo folder is scratch
-    first, last = result.losses[:10], result.losses[-10:]
-    print(f"demo: mean loss of the first 10 steps {sum(first) / len(first):.4f}, last 10 {sum(last) / len(last):.4f}")
-    print(f"demo: LoRA written to {result.lora_path}; inspect it with: eri inspect {result.lora_path}")
+    tiny_demo.check_folder(args.dir, args.overwrite)
+    result, before, after = tiny_demo.run_demo(args.dir, args.steps)
+    (concept, _), *controls = tiny_demo.PROMPTS
+    ctl = ", ".join(f"{p!r} {before.by_prompt[p]:.0%} → {after.by_prompt[p]:.0%}" for p, _ in controls)
+    print(f"demo: concept score ({concept!r} drawn as a {tiny_demo.CONCEPT}) {before.concept:.0%} before → "
+          f"{after.concept:.0%} after; controls {ctl}")  # fmt: skip
+    print(f"demo: {before.grid}, {after.grid}, {result.output_dir / 'loss.png'}; LoRA {result.lora_path}")
     return 0
-
 
 
 # -- eri sample (docs/sampling.md) ------------------------------------------------------------
