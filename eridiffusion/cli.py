@@ -302,6 +302,13 @@ def demo(args: argparse.Namespace) -> int:
     arg("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps"),
     arg("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="auto: bf16 on CUDA, fp32 elsewhere"),
     arg("--allow-pickle", action="store_true", help="read a .ckpt checkpoint (weights_only=True)"),
+    arg("--prediction", default=None, choices=("epsilon", "v_prediction"), help="the model's target (default: the family's)"),
+    arg("--zero-terminal-snr", action="store_true",
+        help="a zero-terminal-SNR v-prediction model: its schedule, trailing steps, CFG rescale 0.7"),
+    arg("--spacing", default=None, choices=("leading", "linspace", "trailing"),
+        help="timestep spacing (default leading; trailing with --zero-terminal-snr)"),
+    arg("--guidance-rescale", type=float, default=None, help="CFG rescale φ (default 0; 0.7 with --zero-terminal-snr)"),
+    arg("--max-tokens", type=int, default=75, choices=(75, 150, 225), help="prompt tokens encoded in 75-token chunks"),
 )
 def sample(args: argparse.Namespace) -> int:
     from eridiffusion import pipeline
@@ -311,7 +318,8 @@ def sample(args: argparse.Namespace) -> int:
         args.model, args.prompt, args.out, negative=args.negative, steps=args.steps, cfg=args.cfg,
         sampler=args.sampler, karras=args.karras, seed=args.seed, size=size, batch=args.batch,
         loras=[pipeline.parse_lora(x) for x in args.lora], device=args.device, dtype=args.dtype,
-        allow_pickle=args.allow_pickle,
+        allow_pickle=args.allow_pickle, prediction=args.prediction, zero_terminal_snr=args.zero_terminal_snr,
+        spacing=args.spacing, guidance_rescale=args.guidance_rescale, max_tokens=args.max_tokens,
     )  # fmt: skip
     return 0
 

@@ -83,6 +83,7 @@ class DataConfig:
     tag_dropout: float = 0.0  # per-tag drop probability (kohya caption_tag_dropout_rate)
     shuffle_tags: bool = False
     keep_tags: int = 0
+    max_tokens: int = 75  # 75, 150 or 225: caption tokens encoded (in 75-token chunks); longer ones are cut
     random_crop: bool = False
     flip: bool = False
     upscale_small: bool = True  # images below the smallest bucket are upscaled (False: skipped)
@@ -105,6 +106,7 @@ class DataConfig:
         step = self.bucket_step
         _check(source, "data.bucket_step", step, step > 0 and step % 8 == 0, "a positive multiple of 8")
         _check(source, "data.prior_loss_weight", self.prior_loss_weight, self.prior_loss_weight >= 0, ">= 0")
+        _check(source, "data.max_tokens", self.max_tokens, self.max_tokens in (75, 150, 225), "75, 150 or 225")
         _check(source, "data.validation_split", self.validation_split, 0.0 <= self.validation_split < 1.0,
                "in [0, 1) (0 = no images held out)")
         _check(source, "data.validation_split", self.validation_split, not (self.validation_split and self.validation_dir),
@@ -170,6 +172,16 @@ class TrainSection:
     prediction: Literal["auto", "epsilon", "v_prediction"] = "auto"
     noise_offset: float = 0.0
     min_snr_gamma: float = 0.0  # 0 = plain MSE
+    loss: Literal["l2", "huber", "smooth_l1"] = "l2"  # huber / smooth_l1: kohya's pseudo-Huber losses
+    huber_c: float = 0.1  # Huber threshold (kohya huber_c)
+    huber_schedule: Literal["constant", "exponential", "snr"] = "snr"  # how the threshold varies with t
+    debiased_estimation: bool = False  # weight the loss by 1/sqrt(snr) (eps) or 1/(snr+1) (v)
+    ip_noise_gamma: float = 0.0  # input perturbation: x_t from noise + gamma·N(0,1), target from noise
+    multires_noise_iterations: int = 0  # multi-resolution (pyramid) noise levels; 0 = off
+    multires_noise_discount: float = 0.3  # weight of level i is discount^i
+    min_timestep: int = 0  # training timesteps drawn from [min_timestep, max_timestep)
+    max_timestep: int = 1000
+    zero_terminal_snr: bool = False  # rescaled betas (Lin et al. 2023); v-prediction; trailing + CFG rescale previews
     device: str = "auto"  # auto = cuda if available else cpu
     resume: bool = False
     max_nonfinite: int = 5  # NaN/inf steps in a row that stop the run (each is skipped); 0 = no check
@@ -346,6 +358,15 @@ class TrainConfig:
              "1 without train.compile (the budget applies to compiled regions): set train.compile=true"),
             ("train.noise_offset", t.noise_offset >= 0, ">= 0"),
             ("train.min_snr_gamma", t.min_snr_gamma >= 0, ">= 0 (0 = off)"),
+            ("train.huber_c", 0.0 < t.huber_c <= 1.0, "in (0, 1]"),
+            ("train.ip_noise_gamma", t.ip_noise_gamma >= 0, ">= 0 (0 = off)"),
+            ("train.multires_noise_iterations", t.multires_noise_iterations >= 0, ">= 0 (0 = off)"),
+            ("train.multires_noise_discount", 0.0 < t.multires_noise_discount <= 1.0, "in (0, 1]"),
+            ("train.min_timestep", 0 <= t.min_timestep < t.max_timestep,
+             f">= 0 and below train.max_timestep ({t.max_timestep})"),
+            ("train.max_timestep", t.max_timestep <= 1000, "<= 1000 (exclusive upper bound)"),
+            ("train.prediction", not (t.zero_terminal_snr and t.prediction == "epsilon"),
+             'auto or v_prediction with train.zero_terminal_snr (epsilon learns nothing at SNR 0)'),
             ("train.device", re.fullmatch(r"auto|cpu|(cuda|mps)(:\d+)?", t.device) is not None,
              "auto, cpu, cuda, cuda:N or mps"),
             ("train.max_nonfinite", t.max_nonfinite >= 0, ">= 0 (0 = no check)"),

@@ -39,6 +39,7 @@ from eridiffusion.io import atomic_write
 from eridiffusion.devices import DTYPES, resolve_device
 from eridiffusion.errors import PipelineError
 from eridiffusion.faults import DiskFull, is_disk_full
+from eridiffusion.models.tokenizer import CLIPTokenizer
 
 TILE_ABOVE = 128 * 128  # latent pixels (1024² images) above which the VAE decodes in tiles
 VAE_TILE, VAE_OVERLAP = 64, 16  # latent pixels (512 / 128 image pixels)
@@ -58,6 +59,13 @@ def to_pil(images: Tensor) -> list[Image.Image]:
     return [Image.fromarray(p, "RGB") for p in pixels]
 
 
+def sampling_defaults(zero_terminal_snr: bool) -> tuple[str, float]:
+    """(timestep spacing, CFG rescale) for a model: "leading" and 0 as diffusers' SDXL / SD1.5
+    schedulers; for a zero-terminal-SNR model "trailing" (so the first step is the pure-noise
+    t = 999) and 0.7, the values of Lin et al. 2023 (sections 3.3 and 3.4)."""
+    return ("trailing", 0.7) if zero_terminal_snr else ("leading", 0.0)
+
+
 class Pipeline:
     """SDXL / SD1.5 text-to-image on loaded components (modules are held, not copied).
 
@@ -68,16 +76,21 @@ class Pipeline:
     """
 
     def __init__(self, components: checkpoint.Components, loras: Sequence[tuple[str | os.PathLike, float]] = (),
-                 merge_loras: bool = False, prediction: str | None = None):  # fmt: skip
+                 merge_loras: bool = False, prediction: str | None = None, zero_terminal_snr: bool = False,
+                 max_tokens: int = 75):  # fmt: skip
         missing = [p for p in components.family.parts if getattr(components, p) is None]
         if missing:
             raise PipelineError(f"Pipeline: components lack {', '.join(missing)}; load them with checkpoint.load(parts=...)")
         self.family = components.family
-        self.prediction = prediction or components.family.prediction  # "epsilon" or "v_prediction"
+        # zero-terminal SNR: the rescaled schedule, v-prediction, trailing steps, CFG rescale (`sampling_defaults`)
+        self.zero_terminal_snr = zero_terminal_snr
+        auto = "v_prediction" if zero_terminal_snr else components.family.prediction
+        self.prediction = prediction or auto  # "epsilon" or "v_prediction"
+        self.max_tokens = max_tokens  # prompts are encoded in max_tokens / 75 chunks of 75 tokens
         self.unet, self.vae = components.unet, components.vae
         if self.vae.dtype == torch.float16:
             self.vae.float()
-        self.text_encoder = components.family.text_encoder(components)  # prompts -> conditioning
+        self.text_encoder = components.family.text_encoder(components, max_tokens)  # prompts -> conditioning
         self.text_modules = components.text_modules()  # for their train/eval mode
         self.networks: dict[str, networks.LoRANetwork] = {}
         if loras:
@@ -87,10 +100,11 @@ class Pipeline:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.float32, loras: Sequence[tuple[str | os.PathLike, float]] = (),
-                        allow_pickle: bool = False) -> Pipeline:  # fmt: skip
-        """Load a single-file checkpoint on `device` in `dtype`, LoRAs merged into the weights."""
+                        allow_pickle: bool = False, **options) -> Pipeline:  # fmt: skip
+        """Load a single-file checkpoint on `device` in `dtype`, LoRAs merged into the weights;
+        `options`: `prediction`, `zero_terminal_snr`, `max_tokens` as for the constructor."""
         components = checkpoint.load(path, dtype=dtype, device=device, allow_pickle=allow_pickle)
-        return cls(components, loras, merge_loras=True)
+        return cls(components, loras, merge_loras=True, **options)
 
     def remove_loras(self) -> None:
         for net in self.networks.values():
@@ -150,10 +164,11 @@ class Pipeline:
     @torch.no_grad()
     def generate(self, cond: dict[str, Tensor], uncond: dict[str, Tensor], seeds: Sequence[int], steps: int = 30,
                  cfg: float = 7.0, sampler: str = "dpmpp_2m", karras: bool = False,
-                 size: tuple[int, int] = (1024, 1024), callback: Callable | None = None) -> list[Image.Image]:  # fmt: skip
+                 size: tuple[int, int] = (1024, 1024), callback: Callable | None = None,
+                 spacing: str | None = None, guidance_rescale: float | None = None) -> list[Image.Image]:  # fmt: skip
         """One image per row of `cond`/`uncond` (text outputs from `encode`), image k seeded with
         seeds[k]; size is (width, height). Sigmas and start scale follow diffusers' schedulers
-        with "leading" spacing (`samplers.sigmas_for`)."""
+        (`samplers.sigmas_for`); spacing / guidance_rescale None: `sampling_defaults`."""
         if sampler not in samplers.SAMPLERS:
             raise PipelineError(f"sampler {sampler!r} is unknown: use one of {', '.join(samplers.SAMPLERS)}")
         if steps < 1:
@@ -163,11 +178,17 @@ class Pipeline:
             raise PipelineError(f"generate: {len(seeds)} seeds for {cond['context'].shape[0]} prompts; give one per image")
         device, (w, h) = self.device, size
         f = self.family.vae.factor
-        ac = self.family.schedule(device)
-        sigmas = samplers.sigmas_for(steps, ac, karras=karras, sampler=sampler)
+        default_spacing, default_rescale = sampling_defaults(self.zero_terminal_snr)
+        spacing = spacing or default_spacing
+        guidance_rescale = default_rescale if guidance_rescale is None else guidance_rescale
+        if spacing not in samplers.SPACINGS:
+            raise PipelineError(f"spacing {spacing!r} is unknown: use one of {', '.join(samplers.SPACINGS)}")
+        ac = self.family.schedule(device, zero_terminal_snr=self.zero_terminal_snr)
+        sigmas = samplers.sigmas_for(steps, ac, spacing=spacing, karras=karras, sampler=sampler)
         net = speed.GraphedForward(self.unet) if device.type == "cuda" else self.unet  # no launch overhead
         denoiser = samplers.Denoiser(net, ac, self.prediction, quantize=karras and sampler == "dpmpp_2m")
-        model = samplers.cfg_model(denoiser, self.unet_inputs(cond, size), self.unet_inputs(uncond, size), cfg)
+        model = samplers.cfg_model(denoiser, self.unet_inputs(cond, size), self.unet_inputs(uncond, size), cfg,
+                                   guidance_rescale)  # fmt: skip
 
         generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         shape = (1, self.family.unet.in_channels, h // f, w // f)
@@ -175,7 +196,10 @@ class Pipeline:
         def cpu_noise(*_: Tensor) -> Tensor:  # (B, 4, h/8, w/8), one generator per image
             return torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device)
 
-        x = cpu_noise() * (sigmas[0] ** 2 + 1) ** 0.5  # x_T = noise, in the sigma form x_T / sqrt(alpha_bar)
+        # x_T = noise, in the sigma form x_T / sqrt(alpha_bar); diffusers' Euler with "linspace" /
+        # "trailing" starts from noise·sigma_max instead (`samplers.sigmas_for`)
+        euler_like = sampler in ("euler", "euler_a") and spacing != "leading"
+        x = cpu_noise() * (sigmas[0] if euler_like else (sigmas[0] ** 2 + 1) ** 0.5)
         was_training = [(m, m.training) for m in (self.unet, self.vae)]
         self.unet.eval()
         self.vae.eval()
@@ -234,6 +258,11 @@ class SampleParams:
     family: str = ""
     dtype: str = ""
     loras: tuple[tuple[str, str, float], ...] = ()  # (file name, sha256 prefix, scale)
+    prediction: str = "epsilon"
+    zero_terminal_snr: bool = False  # the rescaled schedule (train.zero_terminal_snr)
+    spacing: str = "leading"  # timestep spacing (samplers.SPACINGS)
+    guidance_rescale: float = 0.0  # CFG rescale (Lin et al. 2023)
+    max_tokens: int = 75  # prompt tokens encoded, in 75-token chunks
 
     def to_json(self) -> dict:
         return {
@@ -242,6 +271,8 @@ class SampleParams:
             "model": {"file": self.model, "sha256": self.model_sha256, "family": self.family},
             "dtype": self.dtype,
             "loras": [{"file": f, "sha256": h, "scale": s} for f, h, s in self.loras],
+            "prediction": self.prediction, "zero_terminal_snr": self.zero_terminal_snr, "spacing": self.spacing,
+            "guidance_rescale": self.guidance_rescale, "max_tokens": self.max_tokens,
             "version": f"eridiffusion {__version__}",
         }  # fmt: skip
 
@@ -251,7 +282,9 @@ class SampleParams:
         loras = tuple((x["file"], x["sha256"], float(x["scale"])) for x in d.get("loras", []))
         return cls(d["prompt"], d["negative"], int(d["seed"]), d["sampler"], bool(d["karras"]), int(d["steps"]),
                    float(d["cfg"]), tuple(d["size"]), m.get("file", ""), m.get("sha256", ""), m.get("family", ""),
-                   d.get("dtype", ""), loras)  # fmt: skip
+                   d.get("dtype", ""), loras, d.get("prediction", "epsilon"), bool(d.get("zero_terminal_snr", False)),
+                   d.get("spacing", "leading"), float(d.get("guidance_rescale", 0.0)),
+                   int(d.get("max_tokens", 75)))  # fmt: skip
 
     def a1111(self) -> str:
         """A1111 "parameters" text: prompt (with `<lora:name:scale>` tags), negative, settings line."""
@@ -260,6 +293,8 @@ class SampleParams:
         if self.karras:
             fields.append("Schedule type: Karras")
         fields += [f"CFG scale: {self.cfg:g}", f"Seed: {self.seed}", f"Size: {self.size[0]}x{self.size[1]}"]
+        if self.guidance_rescale:
+            fields.append(f"CFG Rescale: {self.guidance_rescale:g}")
         if self.model_sha256:
             fields.append(f"Model hash: {self.model_sha256}")
         if self.model:
@@ -348,12 +383,20 @@ def sample_files(model: str | os.PathLike, prompts: Sequence[str], out: str | os
                  steps: int = 30, cfg: float = 7.0, sampler: str = "dpmpp_2m", karras: bool = False,
                  seed: int = 0, size: tuple[int, int] | None = None, batch: int = 1,
                  loras: Sequence[tuple[str, float]] = (), device: str = "auto", dtype: str = "auto",
-                 allow_pickle: bool = False, log: Callable[[str], None] = print) -> list[Path]:  # fmt: skip
+                 allow_pickle: bool = False, log: Callable[[str], None] = print, prediction: str | None = None,
+                 zero_terminal_snr: bool = False, spacing: str | None = None, guidance_rescale: float | None = None,
+                 max_tokens: int = 75) -> list[Path]:  # fmt: skip
     """`eri sample`: render `batch` images per prompt (image k seeded seed + k) into
     `out/NNNNN-SEED.png`, each alone (batch 1) so its metadata repeats it exactly.
 
     size None: 1024x1024 for SDXL, 512x512 for SD1.5. dtype "auto": bf16 on CUDA, else fp32.
+    zero_terminal_snr: the rescaled schedule and v-prediction; spacing / guidance_rescale None:
+    `sampling_defaults`. max_tokens: 75, 150 or 225 (75-token chunks; longer prompts are cut).
     """
+    if max_tokens not in (75, 150, 225):
+        raise PipelineError(f"--max-tokens {max_tokens} is invalid: use 75, 150 or 225")
+    if zero_terminal_snr and prediction == "epsilon":
+        raise PipelineError("--zero-terminal-snr needs a v-prediction model: leave out --prediction epsilon")
     for path, _ in loras:
         if not os.path.isfile(path):
             raise PipelineError(f"--lora {path}: file not found; pass FILE[:SCALE] with an existing .safetensors file")
@@ -368,19 +411,29 @@ def sample_files(model: str | os.PathLike, prompts: Sequence[str], out: str | os
     if dtype not in DTYPES:
         raise PipelineError(f"--dtype {dtype} is unknown: use auto, bf16, fp16 or fp32")
     log(f"loading {model} ({dtype}) on {dev}")
-    pipe = Pipeline.from_checkpoint(model, dev, DTYPES[dtype], loras, allow_pickle)
+    pipe = Pipeline.from_checkpoint(model, dev, DTYPES[dtype], loras, allow_pickle, prediction=prediction,
+                                    zero_terminal_snr=zero_terminal_snr, max_tokens=max_tokens)  # fmt: skip
     size = size or pipe.family.default_size
     pipe.check_size(size)
+    default_spacing, default_rescale = sampling_defaults(zero_terminal_snr)
+    spacing = spacing or default_spacing
+    guidance_rescale = default_rescale if guidance_rescale is None else guidance_rescale
+    tokenizer = CLIPTokenizer()
+    for prompt in prompts:
+        if (n := len(tokenizer.encode(prompt))) > max_tokens:
+            log(f"prompt of {n} tokens cut to --max-tokens {max_tokens}: {prompt[:60]}…")
     lora_info = tuple((Path(p).name, sha256_prefix(p), float(s)) for p, s in loras)
     base = dict(negative=negative, sampler=sampler, karras=karras, steps=steps, cfg=float(cfg), size=tuple(size),
                 model=Path(model).name, model_sha256=sha256_prefix(model), family=pipe.family.name, dtype=dtype,
-                loras=lora_info)  # fmt: skip
+                loras=lora_info, prediction=pipe.prediction, zero_terminal_snr=zero_terminal_snr, spacing=spacing,
+                guidance_rescale=float(guidance_rescale), max_tokens=max_tokens)  # fmt: skip
     paths, k = [], 0
     for prompt in prompts:
         cond, uncond = pipe.encode([prompt], negative)
         for _ in range(batch):
             params = SampleParams(prompt=prompt, seed=seed + k, **base)
-            image = pipe.generate(cond, uncond, [params.seed], steps, cfg, sampler, karras, params.size)[0]
+            image = pipe.generate(cond, uncond, [params.seed], steps, cfg, sampler, karras, params.size,
+                                  spacing=spacing, guidance_rescale=guidance_rescale)[0]  # fmt: skip
             paths.append(save_new_png(image, out, str(params.seed), params.png_info()))
             log(f"wrote {paths[-1]}")
             k += 1
@@ -409,8 +462,10 @@ class Validation:
     """
 
     def __init__(self, components: checkpoint.Components, cfg, out_dir: str | os.PathLike, encode_now: bool = False,
-                 prediction: str | None = None):  # fmt: skip
-        self.pipe = Pipeline(components, prediction=prediction)
+                 prediction: str | None = None, zero_terminal_snr: bool = False, max_tokens: int = 75):  # fmt: skip
+        # zero-terminal SNR: trailing spacing and CFG rescale 0.7 (`sampling_defaults`) in `generate`
+        self.pipe = Pipeline(components, prediction=prediction, zero_terminal_snr=zero_terminal_snr,
+                             max_tokens=max_tokens)  # fmt: skip
         self.pipe.check_size(tuple(cfg.size))  # at start-up, not at the first preview mid-run
         self.cfg = cfg
         self.folder = Path(out_dir) / "samples"

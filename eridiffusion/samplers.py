@@ -22,6 +22,14 @@ from .diffusion import PREDICTIONS, sigmas_from_alphas_cumprod
 
 NoiseSampler = Callable[[Tensor, Tensor], Tensor]
 SPACINGS = ("leading", "linspace", "trailing")
+# a zero-terminal-SNR schedule's alpha_bar ends at 0 (infinite sigma); diffusers' Euler
+# schedulers set that entry to 2^-24 ("close to 0 without being 0"), so do we (sigma_max ≈ 4096)
+MIN_ALPHA_CUMPROD = 2.0**-24
+
+
+def _sampling_sigmas(alphas_cumprod: Tensor) -> Tensor:
+    """Ascending sigmas (T,) of a training table, finite for a zero-terminal-SNR one too."""
+    return sigmas_from_alphas_cumprod(alphas_cumprod.float().clamp(min=MIN_ALPHA_CUMPROD))
 
 
 class Denoiser(nn.Module):
@@ -42,7 +50,7 @@ class Denoiser(nn.Module):
         self.model = model
         self.prediction = prediction
         self.quantize = quantize
-        log_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod.float()).log()
+        log_sigmas = _sampling_sigmas(alphas_cumprod).log()
         self.register_buffer("log_sigmas", log_sigmas, persistent=False)  # (T,) ascending
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
@@ -65,12 +73,26 @@ class Denoiser(nn.Module):
         return x * (c_in**2).to(x.dtype) - out * (s * c_in).to(x.dtype)
 
 
-def cfg_model(model: Callable[..., Tensor], cond: dict[str, Tensor], uncond: dict[str, Tensor], scale: float):
+def rescale_cfg(guided: Tensor, cond: Tensor, rescale: float) -> Tensor:
+    """CFG rescale (Lin et al. 2023, section 3.4, eq. 15–16; diffusers `rescale_noise_cfg`):
+    scale the guided prediction to the per-sample std of the conditional one over (C, H, W),
+    then mix: rescale·guided·(std_cond / std_guided) + (1 − rescale)·guided."""
+    dims = list(range(1, cond.ndim))
+    std_cond = cond.std(dim=dims, keepdim=True)
+    std_guided = guided.std(dim=dims, keepdim=True)
+    return rescale * (guided * (std_cond / std_guided)) + (1 - rescale) * guided
+
+
+def cfg_model(model: Callable[..., Tensor], cond: dict[str, Tensor], uncond: dict[str, Tensor], scale: float,
+              rescale: float = 0.0):  # fmt: skip
     """Classifier-free guidance (Ho & Salimans 2022): D = D_u + scale·(D_c − D_u).
 
     `model` is a Denoiser taking conditioning as keywords (context=..., y=...); cond and
     uncond run as one batch [uncond, cond]. Guiding x0 equals guiding eps or v, since
-    both are affine in the network output with the same coefficients.
+    both are affine in the network output with the same coefficients. `rescale` > 0 applies
+    `rescale_cfg` to the network's own output (v or eps) as diffusers does: the guided and
+    conditional outputs are recovered from x0 as (x − x0) / sigma, an affine map whose
+    rescaling then commutes back (used with zero-terminal-SNR models, rescale 0.7).
     """
     both = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
 
@@ -79,9 +101,32 @@ def cfg_model(model: Callable[..., Tensor], cond: dict[str, Tensor], uncond: dic
             return model(x, sigma, **cond)
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1).expand(x.shape[0])
         x0_u, x0_c = model(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
-        return x0_u + scale * (x0_c - x0_u)
+        guided = x0_u + scale * (x0_c - x0_u)
+        if rescale == 0:
+            return guided
+        out_c, out_g = _network_output(model, x, sigma, x0_c), _network_output(model, x, sigma, guided)
+        return _x0_from_output(model, x, sigma, rescale_cfg(out_g, out_c, rescale))
 
     return denoise
+
+
+def _coefficients(model, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """(a, b) with x0 = a·x + b·out for the Denoiser's prediction (see `Denoiser`), (B, 1, 1, 1)."""
+    s = sigma.view(-1, *([1] * (x.ndim - 1))).to(torch.float32)
+    if getattr(model, "prediction", "epsilon") == "epsilon":
+        return torch.ones_like(s), -s
+    c_in = (s**2 + 1) ** -0.5
+    return c_in**2, -s * c_in
+
+
+def _network_output(model, x: Tensor, sigma: Tensor, x0: Tensor) -> Tensor:
+    a, b = _coefficients(model, x, sigma)
+    return ((x0.float() - a * x.float()) / b).to(x0.dtype)
+
+
+def _x0_from_output(model, x: Tensor, sigma: Tensor, out: Tensor) -> Tensor:
+    a, b = _coefficients(model, x, sigma)
+    return (a * x.float() + b * out.float()).to(out.dtype)
 
 
 def _interp(table: Tensor, t: Tensor) -> Tensor:
@@ -142,7 +187,7 @@ def sigmas_for(
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is unknown: use one of {tuple(SAMPLERS)}")
     dpm = sampler == "dpmpp_2m"
-    table = sigmas_from_alphas_cumprod(alphas_cumprod.float()).double().cpu()  # (T,) ascending
+    table = _sampling_sigmas(alphas_cumprod).double().cpu()  # (T,) ascending
     sigmas = _interp(table, _timesteps(steps, table.shape[0], spacing, steps_offset, dpm))
     if karras:
         lo, hi = (table[0], table[-1]) if dpm else (sigmas[-1], sigmas[0])

@@ -72,9 +72,9 @@ def latent_settings(model: str, bucket: tuple[int, int], flip: bool, dtype: torc
             "dtype": dtype}
 
 
-def text_settings(model: str, caption: str, dtype: torch.dtype | str) -> dict:
-    """Settings that determine a caption's text-encoder outputs."""
-    return {"kind": "text", "model": model, "caption": caption, "dtype": dtype}
+def text_settings(model: str, caption: str, dtype: torch.dtype | str, max_tokens: int = 75) -> dict:
+    """Settings that determine a caption's text-encoder outputs (`max_tokens`: 75-token chunks)."""
+    return {"kind": "text", "model": model, "caption": caption, "dtype": dtype, "max_tokens": max_tokens}
 
 
 def check_cacheable(crop: str) -> None:

@@ -13,12 +13,14 @@ under `models/`, registered in `families.FAMILIES`. It implements:
   `architecture`, `implementation` (kohya / SAI model-spec metadata), `prediction` (default
   target), `lora_parts` (kohya prefix kind -> part) and `unet_lora_naming`;
 - `matches(loader)`: True when a checkpoint's keys and shapes are this family's (detection);
-- `text_encoder(components)`: prompts -> conditioning dict (`cond_keys` names its tensors);
+- `text_encoder(components, max_tokens=75)`: prompts -> conditioning dict (`cond_keys` names
+  its tensors; `max_tokens` > 75 encodes 75-token chunks and concatenates them);
   `empty_negative`: whether an empty negative prompt is all zeros (SDXL) or encoded (SD1.x);
 - `denoiser_inputs(cond, time_ids)`: the keyword arguments of the denoiser besides x and t
   (SDXL builds `y` from the pooled output and the size/crop `time_ids`);
-- the noise objective: `schedule()`, `add_noise`, `target`, `sample_timesteps`, `loss_weight`
-  (DDPM here; flow matching overrides these five);
+- the noise objective: `schedule(device, zero_terminal_snr)`, `add_noise`, `target`,
+  `sample_timesteps(n, generator, device, low, high)`, `loss_weight` (DDPM here; flow matching
+  overrides these five);
 - `lora_targets(kind, conv)`: default adapter target patterns; `compile_regions(denoiser, ...)`;
   `bucket_multiple`: image sides must be multiples of it; `default_size` for sampling.
 
@@ -90,19 +92,25 @@ class Family:
     cond_keys: ClassVar[tuple[str, ...]] = ("context",)  # the tensors `text_encoder` returns
     empty_negative: ClassVar[str] = "encode"  # "encode": encode ""; "zeros": all-zero conditioning
 
-    def text_encoder(self, components) -> TextEncoder:
+    def text_encoder(self, components, max_tokens: int = 75) -> TextEncoder:
         raise NotImplementedError
 
     def denoiser_inputs(self, cond: Cond, time_ids: Tensor | None) -> dict[str, Tensor]:
         return {"context": cond["context"]}
 
     # -- the noise objective (DDPM, scaled-linear betas) ---------------------------------
-    def schedule(self, device: torch.device | str | None = None) -> Tensor:
-        """alphas_cumprod (1000,) of the training noise schedule."""
-        return diffusion.alphas_cumprod(diffusion.scaled_linear_betas()).to(device)
+    def schedule(self, device: torch.device | str | None = None, zero_terminal_snr: bool = False) -> Tensor:
+        """alphas_cumprod (1000,) of the training noise schedule; `zero_terminal_snr` rescales
+        the betas so the last entry is 0 (`train.zero_terminal_snr`, v-prediction only)."""
+        betas = diffusion.scaled_linear_betas()
+        if zero_terminal_snr:
+            betas = diffusion.rescale_zero_terminal_snr(betas)
+        return diffusion.alphas_cumprod(betas).to(device)
 
-    def sample_timesteps(self, n: int, generator: torch.Generator | None, device) -> Tensor:
-        return diffusion.sample_timesteps(n, generator=generator, device=device)
+    def sample_timesteps(self, n: int, generator: torch.Generator | None, device, low: int = 0,
+                         high: int = 1000) -> Tensor:  # fmt: skip
+        """n training timesteps in [low, high) (`train.min_timestep` / `max_timestep`)."""
+        return diffusion.sample_timesteps(n, generator=generator, device=device, low=low, high=high)
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor, schedule: Tensor) -> Tensor:
         return diffusion.add_noise(x0, noise, t, schedule)
@@ -110,10 +118,15 @@ class Family:
     def target(self, prediction: str, x0: Tensor, noise: Tensor, t: Tensor, schedule: Tensor) -> Tensor:
         return diffusion.target(prediction, x0, noise, t, schedule)
 
-    def loss_weight(self, t: Tensor, schedule: Tensor, prediction: str, min_snr_gamma: float) -> Tensor | None:
-        if min_snr_gamma <= 0:
-            return None
-        return diffusion.min_snr_weight(t, schedule, min_snr_gamma, prediction)
+    def loss_weight(self, t: Tensor, schedule: Tensor, prediction: str, min_snr_gamma: float,
+                    debiased: bool = False) -> Tensor | None:  # fmt: skip
+        """Per-sample weight (B,) of the loss, or None: min-SNR-gamma, times the debiased-
+        estimation weight when `debiased` (both as kohya applies them, in that order)."""
+        weight = diffusion.min_snr_weight(t, schedule, min_snr_gamma, prediction) if min_snr_gamma > 0 else None
+        if debiased:
+            d = diffusion.debiased_weight(t, schedule, prediction)
+            weight = d if weight is None else weight * d
+        return weight
 
     # -- adapters and speed --------------------------------------------------------------
     def lora_targets(self, kind: str, conv: bool = False) -> tuple[str, ...]:

@@ -43,15 +43,36 @@ def unet_signature(loader) -> tuple:
     return channels, in_channels, context, adm
 
 
-class ClipText:
-    """Prompts → {"context": CLIP-L last layer after the final norm (B, 77, D)}."""
+def check_max_tokens(max_tokens: int) -> int:
+    """The number of 75-token chunks for `max_tokens` (75, 150 or 225)."""
+    if max_tokens not in (75, 150, 225):
+        raise ValueError(f"max_tokens={max_tokens} is invalid: use 75, 150 or 225")
+    return max_tokens // 75
 
-    def __init__(self, te1: nn.Module):
+
+def encode_chunks(model: nn.Module, ids: torch.Tensor):
+    """ids (B, k, 77) → the model's TextOutput on the B·k chunks, each encoded on its own."""
+    device = next(model.parameters()).device
+    return model(ids.reshape(-1, ids.shape[-1]).to(device))  # (B·k, 77, D)
+
+
+class ClipText:
+    """Prompts → {"context": CLIP-L last layer after the final norm (B, 77·k, D)}, k = max_tokens / 75.
+
+    Long prompts (max_tokens 150 / 225): the ids are cut into k chunks of 75, each encoded as
+    its own BOS, chunk, EOS, pad sequence, and the k hidden states concatenated along the
+    sequence, as ComfyUI (comfy/sd1_clip.py `ClipTokenWeightEncoder.encode_token_weights`,
+    commit 00728eb20fce05955f89ef1ccf5f6167416e94cf) and A1111 do; every prompt gets k chunks
+    (kohya's fixed `max_token_length`), so the shape is the same for any prompt.
+    """
+
+    def __init__(self, te1: nn.Module, max_tokens: int = 75):
         self.te1, self.tok1 = te1, CLIPTokenizer()
+        self.chunks = check_max_tokens(max_tokens)
 
     def __call__(self, prompts: list[str]) -> Cond:
-        device = next(self.te1.parameters()).device
-        return {"context": self.te1(self.tok1(prompts).to(device)).last}
+        last = encode_chunks(self.te1, self.tok1.chunked(prompts, self.chunks)).last
+        return {"context": last.reshape(len(prompts), -1, last.shape[-1])}  # (B, 77·k, D)
 
 
 @dataclass(frozen=True)
@@ -84,8 +105,8 @@ class StableDiffusion(Family):
         """VAE factor · 2^(UNet levels − 1): 64 for SD1.5, 32 for SDXL and the tiny variants."""
         return self.configs["vae"].factor * 2 ** (len(self.configs["unet"].channel_mult) - 1)
 
-    def text_encoder(self, components: Components) -> ClipText:
-        return ClipText(components.te1)
+    def text_encoder(self, components: Components, max_tokens: int = 75) -> ClipText:
+        return ClipText(components.te1, max_tokens)
 
     def lora_targets(self, kind: str, conv: bool = False) -> tuple[str, ...]:
         if kind == "unet":

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from eridiffusion.families.base import Components, Cond
 from eridiffusion.families.sd import CLASSES as SD_CLASSES
-from eridiffusion.families.sd import StableDiffusion
+from eridiffusion.families.sd import StableDiffusion, check_max_tokens, encode_chunks
 from eridiffusion.models.clip import CLIPTextConfig, OpenCLIPTextConfig, OpenCLIPTextModel
 from eridiffusion.models.tokenizer import CLIPTokenizer
 from eridiffusion.models.unet import UNetConfig, sdxl_vector
@@ -35,17 +35,25 @@ CLASSES: dict[str, type[nn.Module]] = {**SD_CLASSES, "te2": OpenCLIPTextModel}
 
 
 class DualClipText:
-    """Prompts → {"context": (B, 77, D1 + D2), "pooled": (B, P)} from CLIP-L and bigG."""
+    """Prompts → {"context": (B, 77·k, D1 + D2), "pooled": (B, P)} from CLIP-L and bigG, k = max_tokens / 75.
 
-    def __init__(self, te1: nn.Module, te2: nn.Module):
+    Long prompts: both encoders encode the same k chunks (`sd.ClipText`), their hidden states
+    concatenated along the sequence; pooled is bigG's of the first chunk (ComfyUI
+    `first_pooled = pooled[0:1]`, kohya `get_hidden_states_sdxl`: `pool2[::n_size]`).
+    """
+
+    def __init__(self, te1: nn.Module, te2: nn.Module, max_tokens: int = 75):
         self.te1, self.te2 = te1, te2
         self.tok1, self.tok2 = CLIPTokenizer(), CLIPTokenizer(pad_token_id=0)
+        self.chunks = check_max_tokens(max_tokens)
 
     def __call__(self, prompts: list[str]) -> Cond:
-        out1 = self.te1(self.tok1(prompts).to(next(self.te1.parameters()).device))
-        out2 = self.te2(self.tok2(prompts).to(next(self.te2.parameters()).device))
-        context = torch.cat([out1.hidden, out2.hidden.to(out1.hidden.dtype)], dim=-1)  # (B, 77, D1 + D2)
-        return {"context": context, "pooled": out2.pooled}
+        b, k = len(prompts), self.chunks
+        out1 = encode_chunks(self.te1, self.tok1.chunked(prompts, k))
+        out2 = encode_chunks(self.te2, self.tok2.chunked(prompts, k))
+        context = torch.cat([out1.hidden, out2.hidden.to(out1.hidden.dtype)], dim=-1)  # (B·k, 77, D1 + D2)
+        pooled = out2.pooled.reshape(b, k, -1)[:, 0]  # (B, P), the first chunk's
+        return {"context": context.reshape(b, -1, context.shape[-1]), "pooled": pooled}  # (B, 77·k, D1 + D2)
 
 
 @dataclass(frozen=True)
@@ -76,8 +84,8 @@ class StableDiffusionXL(StableDiffusion):
             text_parts=("te1", "te2"), default_size=(1024, 1024),
         )  # fmt: skip
 
-    def text_encoder(self, components: Components) -> DualClipText:
-        return DualClipText(components.te1, components.te2)
+    def text_encoder(self, components: Components, max_tokens: int = 75) -> DualClipText:
+        return DualClipText(components.te1, components.te2, max_tokens)
 
     def denoiser_inputs(self, cond: Cond, time_ids: Tensor | None) -> dict[str, Tensor]:
         # time_ids stay fp32 (a bf16 pooled must not round orig sizes like 1237 to 1240)

@@ -164,6 +164,23 @@ class CLIPTokenizer:
         data = b" ".join(bytes(self.byte_decoder[c] for c in word) for word in words)
         return data.decode("utf-8", errors="replace").strip()
 
+    def chunked(self, texts: str | list[str], chunks: int = 1) -> torch.Tensor:
+        """(B, chunks, max_length) ids for long prompts: the text's ids cut into `chunks` pieces of
+        max_length - 2 (75), each one a full sequence BOS, piece, EOS, pad (an empty piece is BOS,
+        EOS, pad); ids past chunks·75 are dropped. The chunk layout of ComfyUI's `SDTokenizer`
+        (comfy/sd1_clip.py) and A1111, with kohya's fixed chunk count (`max_token_length`): every
+        text gets `chunks` pieces, so a batch has one shape. chunks=1 equals `__call__`."""
+        if isinstance(texts, str):
+            texts = [texts]
+        width = self.max_length - 2
+        out = torch.full((len(texts), chunks, self.max_length), self.pad_token_id, dtype=torch.long)
+        for row, text in enumerate(texts):
+            ids = self.encode(text)
+            for c in range(chunks):
+                piece = [BOS_ID, *ids[c * width : (c + 1) * width], EOS_ID]
+                out[row, c, : len(piece)] = torch.tensor(piece)
+        return out
+
     def __call__(self, texts: str | list[str]) -> torch.Tensor:
         """(B, max_length) int64 ids: BOS, ids truncated to max_length - 2, EOS, then pad."""
         if isinstance(texts, str):

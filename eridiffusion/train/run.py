@@ -29,7 +29,7 @@ from eridiffusion.train.batches import Batches
 from eridiffusion.train.outputs import Log, RunLog, plot_loss
 from eridiffusion.train.setup import Setup, fill_cache, load_setup
 from eridiffusion.train.state import check_resumable, load_state, restore, save_state
-from eridiffusion.train.step import TrainStep
+from eridiffusion.train.step import Objective, TrainStep
 from eridiffusion.train.trainable import Adapters
 
 
@@ -154,7 +154,9 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     # -- models, data, cache --------------------------------------------------------------
     s = load_setup(cfg, log, w.device)
     c, device, fam = s.components, s.device, s.family
-    prediction = fam.prediction if t_cfg.prediction == "auto" else t_cfg.prediction
+    # zero-terminal SNR implies v-prediction (config.validate refuses epsilon with it)
+    auto = "v_prediction" if t_cfg.zero_terminal_snr else fam.prediction
+    prediction = auto if t_cfg.prediction == "auto" else t_cfg.prediction
     fill_cache(s, log, progress, w.rank, w.size)
     distributed.barrier()  # every rank's share of the cache is written
     validation = None  # built before the VAE / text encoders are freed: it keeps what it needs
@@ -163,7 +165,8 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
         log("sample: previews are off under FSDP (every rank would have to sample the sharded UNet)")
     elif cfg.sample.prompts and cfg.sample.every_n_steps and w.main:
         validation = pipeline.Validation(c, cfg.sample, out, encode_now=not cfg.lora.train_text_encoder,
-                                         prediction=prediction)  # fmt: skip
+                                         prediction=prediction, zero_terminal_snr=t_cfg.zero_terminal_snr,
+                                         max_tokens=cfg.data.max_tokens)  # fmt: skip
     if s.cache_latents:
         c.vae = None  # no longer needed: free its memory
     if s.cache_text:
@@ -180,7 +183,7 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     speed.optimize_for_training(c.unet, compile=False, fused_qkv=True)
     if t_cfg.compile:
         fam.compile_regions(c.unet, dynamic=None)
-    text_encoder = None if s.cache_text else fam.text_encoder(c)
+    text_encoder = None if s.cache_text else fam.text_encoder(c, cfg.data.max_tokens)
     log(trainable.describe())
     model, synced = data_parallel(s, trainable, text_encoder, w, fsdp, log)
 
@@ -211,7 +214,8 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     train_step = TrainStep(fam, model, params, opt.optimizer, prediction=prediction, grad_accum=t_cfg.grad_accum,
                            max_grad_norm=t_cfg.max_grad_norm, min_snr_gamma=t_cfg.min_snr_gamma,
                            noise_offset=t_cfg.noise_offset, max_nonfinite=t_cfg.max_nonfinite,
-                           cuda_graph=t_cfg.cuda_graph, synced=synced, fsdp=fsdp, world=w, device=device)  # fmt: skip
+                           cuda_graph=t_cfg.cuda_graph, synced=synced, fsdp=fsdp, world=w, device=device,
+                           objective=Objective.from_config(t_cfg))  # fmt: skip
 
     # -- the loop -------------------------------------------------------------------------
     run_id = ""

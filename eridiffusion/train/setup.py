@@ -19,6 +19,7 @@ from eridiffusion.config import TrainConfig
 from eridiffusion.data.cache import TensorCache, latent_settings, make_key, text_settings
 from eridiffusion.data.dataset import ImageDataset, build_datasets, downsample_mask
 from eridiffusion.devices import DTYPES, resolve_device
+from eridiffusion.models.tokenizer import CLIPTokenizer
 from eridiffusion.errors import ConfigError
 from eridiffusion.weights import PickleRefused
 
@@ -47,7 +48,7 @@ class Setup:
         return make_key(self.dataset.content_key(i), latent_settings(self.vae_id, item.bucket, flip, torch.float32))
 
     def text_key(self, caption: str) -> str:
-        return make_key(None, text_settings(self.text_id, caption, torch.float32))
+        return make_key(None, text_settings(self.text_id, caption, torch.float32, self.cfg.data.max_tokens))
 
     def cached(self, kind: str, key: str) -> dict[str, torch.Tensor]:
         """A cache entry `fill_cache` wrote; one line if it was deleted or damaged since."""
@@ -112,6 +113,20 @@ def load_dataset(cfg: TrainConfig, log: Log) -> ImageDataset:
     return dataset
 
 
+def report_cut_captions(dataset: ImageDataset, max_tokens: int, log: Log) -> int:
+    """Log how many images have a caption (with prefix / suffix) longer than `data.max_tokens`
+    tokens, which the text encoders cut; returns that number."""
+    tok = CLIPTokenizer()
+    lengths = [(len(tok.encode(dataset.subsets[it.subset].captions.fixed(it.caption))), it.path) for it in dataset.items]
+    cut = [(n, path) for n, path in lengths if n > max_tokens]
+    if cut:
+        longest, path = max(cut, key=lambda x: x[0])
+        more = "; data.max_tokens = 150 or 225 keeps more" if max_tokens < 225 else ""
+        log(f"captions: {len(cut)} of {len(lengths)} images have captions longer than data.max_tokens = {max_tokens} "
+            f"tokens, cut to it (longest: {longest} tokens, {path}){more}")  # fmt: skip
+    return len(cut)
+
+
 def load_setup(cfg: TrainConfig, log: Log, device: torch.device | None = None) -> Setup:
     cfg.check_paths()
     device = device or resolve_device(cfg.train.device)
@@ -119,6 +134,7 @@ def load_setup(cfg: TrainConfig, log: Log, device: torch.device | None = None) -
     components = load_components(cfg, device, log)
     if cfg.cache.latents and dataset.random_crop:
         log("cache: random crop cannot use cached latents, encoding images every step")
+    report_cut_captions(dataset, cfg.data.max_tokens, log)
     varies = dataset.caption_set() is None  # shuffled / dropped tags: a new caption every step
     cache_text = cfg.cache.text and not cfg.lora.train_text_encoder and not varies
     if cfg.cache.text and varies:
@@ -160,7 +176,7 @@ def fill_cache(s: Setup, log: Log, progress: bool, rank: int = 0, world: int = 1
         todo = [cap for n, cap in enumerate(captions)
                 if not s.cache.path("text", s.text_key(cap)).is_file() and n % world == rank]  # fmt: skip
         log(f"cache: {len(captions)} captions, encoding {len(todo)}{share}")
-        encode = c.family.text_encoder(c)
+        encode = c.family.text_encoder(c, s.cfg.data.max_tokens)
         for cap in tqdm(todo, desc="text", disable=not progress or not todo, leave=False):
             s.cache.put("text", s.text_key(cap), {k: v[0].float() for k, v in encode([cap]).items()})
 

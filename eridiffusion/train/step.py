@@ -1,8 +1,9 @@
 """One optimizer step, the object `eri train` runs and `bench/train_step.py` times.
 
     for each micro-batch (grad_accum of them):      DDP all-reduces only after the last
-        t ~ family.sample_timesteps, noise (+ offset), drawn for the global batch, sliced
-        loss = family-weighted MSE(denoiser(x_t, t, **family.denoiser_inputs), target)
+        t ~ family.sample_timesteps in [min_timestep, max_timestep), noise (+ offset, multires
+        noise, input perturbation), drawn for the global batch from the noise generator, sliced
+        loss = family-weighted l2 / Huber(denoiser(x_t, t, **family.denoiser_inputs), target)
         backward (gradients accumulate; replayed from a CUDA graph with cuda_graph)
     FSDP: all-reduce the LoRA gradients; torchrun: average the logged loss over ranks
     clip the gradient norm; a NaN / inf loss or norm skips the update (NonFiniteGuard)
@@ -12,31 +13,58 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from eridiffusion import diffusion, distributed, faults, speed
 from eridiffusion.families import Cond, Family
 
 
+@dataclass(frozen=True)
+class Objective:
+    """What a step trains towards besides the family's target: the loss, its weighting and the
+    noise draws (`[train]` fields of the same names; see docs/config.md)."""
+
+    loss: str = "l2"  # diffusion.LOSSES
+    huber_c: float = 0.1
+    huber_schedule: str = "snr"  # diffusion.HUBER_SCHEDULES
+    debiased_estimation: bool = False
+    ip_noise_gamma: float = 0.0
+    multires_noise_iterations: int = 0
+    multires_noise_discount: float = 0.3
+    timesteps: tuple[int, int] = field(default=(0, 1000))  # [low, high)
+    zero_terminal_snr: bool = False
+
+    @classmethod
+    def from_config(cls, t) -> Objective:
+        """From a `config.TrainSection`."""
+        return cls(t.loss, t.huber_c, t.huber_schedule, t.debiased_estimation, t.ip_noise_gamma,
+                   t.multires_noise_iterations, t.multires_noise_discount, (t.min_timestep, t.max_timestep),
+                   t.zero_terminal_snr)  # fmt: skip
+
+
 def diffusion_loss(family: Family, denoiser: nn.Module, x0: torch.Tensor, cond: Cond, time_ids: torch.Tensor | None,
                    t: torch.Tensor, noise: torch.Tensor, schedule: torch.Tensor, prediction: str,
-                   min_snr_gamma: float = 0.0, weight: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """Mean (min-SNR weighted) MSE between the denoiser's output at x_t and the family's target;
-    `weight` (B, 1, h, w) weights each latent pixel (loss masks, the prior-loss weight)."""
-    x_t = family.add_noise(x0, noise, t, schedule)
+                   min_snr_gamma: float = 0.0, weight: torch.Tensor | None = None, *,
+                   objective: Objective = Objective(), perturbation: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Mean (min-SNR / debiased weighted) l2 or Huber loss between the denoiser's output at x_t
+    and the family's target; `weight` (B, 1, h, w) weights each latent pixel (loss masks, the
+    prior-loss weight). x_t is built from noise + `perturbation` (input perturbation, drawn by
+    the caller), the target from noise alone (kohya `get_noise_noisy_latents_and_timesteps`)."""
+    x_t = family.add_noise(x0, noise if perturbation is None else noise + perturbation, t, schedule)
     # no autocast: the UNet casts its inputs to its weights' dtype and LoRA casts its fp32
     # weights to the activations' dtype, so nothing is cast twice
     pred = denoiser(x_t, t, **family.denoiser_inputs(cond, time_ids))
     target = family.target(prediction, x0, noise, t, schedule)
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none")  # (B, C, h, w)
+    o = objective
+    c = None if o.loss == "l2" else diffusion.huber_threshold(t, schedule, o.huber_c, o.huber_schedule)
+    loss = diffusion.elementwise_loss(pred.float(), target.float(), o.loss, c)  # (B, C, h, w)
     if weight is not None:
         loss = loss * weight
     loss = loss.mean(dim=(1, 2, 3))  # (B,)
-    snr = family.loss_weight(t, schedule, prediction, min_snr_gamma)
+    snr = family.loss_weight(t, schedule, prediction, min_snr_gamma, o.debiased_estimation)
     return (loss if snr is None else loss * snr).mean()
 
 
@@ -59,24 +87,31 @@ class TrainStep:
     def __init__(self, family: Family, model: nn.Module, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
                  *, prediction: str, grad_accum: int = 1, max_grad_norm: float = 0.0, min_snr_gamma: float = 0.0,
                  noise_offset: float = 0.0, max_nonfinite: int = 0, cuda_graph: bool = False, synced=(),
-                 fsdp: bool = False, world=None, device: torch.device | None = None):  # fmt: skip
+                 fsdp: bool = False, world=None, device: torch.device | None = None,
+                 objective: Objective = Objective()):  # fmt: skip
         self.family, self.model, self.params, self.optimizer = family, model, list(params), optimizer
         self.prediction, self.grad_accum, self.max_grad_norm = prediction, grad_accum, max_grad_norm
         self.min_snr_gamma, self.noise_offset = min_snr_gamma, noise_offset
         self.synced, self.fsdp, self.world = list(synced), fsdp, world
         self.device = device or self.params[0].device
-        self.schedule = family.schedule(self.device)
+        self.objective = objective
+        self.schedule = family.schedule(self.device, zero_terminal_snr=objective.zero_terminal_snr)
         self.guard = faults.NonFiniteGuard(max_nonfinite)
         self.graphed = speed.GraphedBackward(self.micro_step, self.params) if cuda_graph else None
 
     def micro_step(self, x0, time_ids, t, noise, *rest, scale: float = 1.0) -> torch.Tensor:
         """Forward and backward of one micro-batch (gradients accumulate); returns the loss.
-        `rest`: the conditioning tensors (`family.cond_keys`), then the loss weights if any.
-        `scale` (this rank's share of the global batch) is 1 in one process, as in a graph."""
+        `rest`: the conditioning tensors (`family.cond_keys`), then the loss weights if any, then
+        the input perturbation when `objective.ip_noise_gamma` > 0 (random draws stay outside:
+        a CUDA graph replays them as inputs). `scale` (this rank's share of the global batch) is
+        1 in one process, as in a graph."""
         n = len(self.family.cond_keys)
-        cond, weight = dict(zip(self.family.cond_keys, rest[:n])), rest[n] if len(rest) > n else None
+        cond, extra = dict(zip(self.family.cond_keys, rest[:n])), list(rest[n:])
+        perturbation = extra.pop() if self.objective.ip_noise_gamma > 0 else None
+        weight = extra[0] if extra else None
         loss = scale * diffusion_loss(self.family, self.model, x0, cond, time_ids, t, noise, self.schedule,
-                                      self.prediction, self.min_snr_gamma, weight)  # fmt: skip
+                                      self.prediction, self.min_snr_gamma, weight, objective=self.objective,
+                                      perturbation=perturbation)  # fmt: skip
         (loss / self.grad_accum).backward()
         return loss.detach()
 
@@ -93,11 +128,15 @@ class TrainStep:
             with distributed.no_sync(self.synced, skip=micro < self.grad_accum - 1):
                 b = next(batches)
                 # drawn for the global batch and sliced: N processes = one with the N× batch
-                t = self.family.sample_timesteps(b.n, noise_gen, self.device)[b.rows]
+                o = self.objective
+                t = self.family.sample_timesteps(b.n, noise_gen, self.device, *o.timesteps)[b.rows]
                 noise = torch.randn((b.n, *b.x0.shape[1:]), generator=noise_gen, device=self.device)
-                noise = diffusion.offset_noise(noise, self.noise_offset, noise_gen)[b.rows]
-                args = (b.x0, b.time_ids, t, noise, *(b.cond[k] for k in self.family.cond_keys))
+                noise = diffusion.offset_noise(noise, self.noise_offset, noise_gen)
+                noise = diffusion.multires_noise(noise, o.multires_noise_iterations, o.multires_noise_discount, noise_gen)
+                args = (b.x0, b.time_ids, t, noise[b.rows], *(b.cond[k] for k in self.family.cond_keys))
                 args += () if b.weight is None else (b.weight,)
+                if o.ip_noise_gamma > 0:
+                    args += (diffusion.perturbation(noise, o.ip_noise_gamma, noise_gen)[b.rows],)
                 loss = self.graphed(*args) if self.graphed is not None else self.micro_step(*args, scale=b.scale)
             step_loss += loss / self.grad_accum
         if self.fsdp:

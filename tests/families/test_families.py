@@ -23,7 +23,7 @@ class ToyFamily(StableDiffusion):
     def matches(self, loader) -> bool:
         return FAMILIES["sd15-tiny"].matches(loader)
 
-    def text_encoder(self, components):
+    def text_encoder(self, components, max_tokens=75):
         inner, calls = ClipText(components.te1), self.calls
 
         def encode(prompts):
@@ -32,7 +32,7 @@ class ToyFamily(StableDiffusion):
 
         return encode
 
-    def sample_timesteps(self, n, generator, device):
+    def sample_timesteps(self, n, generator, device, low=0, high=1000):
         t = torch.randint(0, 500, (n,), generator=generator, device=device)
         self.calls.setdefault("t", []).append(t)
         return t
