@@ -294,3 +294,30 @@ def test_cfg_model_rescales_the_network_output(prediction):
     s = sigma.view(-1, 1, 1, 1)
     ref = x - s * out if prediction == "epsilon" else x / (s**2 + 1) - out * s / (s**2 + 1) ** 0.5
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+# -- a run with every option on resumes bit-exactly (tests/test_train.py's resume pattern) --
+@pytest.mark.slow
+def test_resume_with_the_options_on_is_bit_exact(tmp_path):
+    from eridiffusion.tiny import demo_config, prepare
+    from eridiffusion.train import train
+
+    prepare(tmp_path, n_images=4, log=lambda s: None)
+    options = dict(loss="smooth_l1", huber_schedule="exponential", debiased_estimation=True, ip_noise_gamma=0.1,
+                   multires_noise_iterations=3, multires_noise_discount=0.5, min_timestep=100, max_timestep=1000,
+                   zero_terminal_snr=True, noise_offset=0.05, batch_size=2)  # fmt: skip
+
+    def cfg(out, **train_extra):
+        return demo_config(tmp_path, 6).replace(save={"every_n_steps": 0, "output_dir": str(tmp_path / out)},
+                                                sample={"every_n_steps": 0}, data={"max_tokens": 150},
+                                                train={**options, **train_extra})  # fmt: skip
+
+    full = train(cfg("full"), progress=False, log=lambda s: None)
+    assert all(math.isfinite(x) for x in full.losses)
+    first = train(cfg("resumed"), stop_after=3, progress=False, log=lambda s: None)
+    assert first.interrupted and first.losses == full.losses[:3]
+    second = train(cfg("resumed", resume=True), progress=False, log=lambda s: None)
+    assert second.losses == full.losses
+    plain = train(cfg("plain", loss="l2", ip_noise_gamma=0.0, multires_noise_iterations=0), progress=False,
+                  log=lambda s: None)  # fmt: skip
+    assert plain.losses != full.losses  # the options changed what was trained
