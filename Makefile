@@ -18,7 +18,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
-	$(BIN)/python -m pip install -q -e '.[test,ui]'
+	$(BIN)/python -m pip install -q -e '.[test,ui,optim]'
 	touch $@
 
 # The browser test (tests/ui/test_browser.py) drives Debian's chromium through Playwright

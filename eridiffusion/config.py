@@ -35,7 +35,9 @@ else:  # pragma: no cover - exercised on 3.10 only
 class ModelConfig:
     path: str = ""  # single-file checkpoint (.safetensors)
     family: str = "auto"  # "auto" (from the file) or a name in eridiffusion.families.FAMILIES
-    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"  # frozen weights; LoRA params stay fp32
+    # frozen weights; fp8 (= fp8_e4m3) / fp8_e5m2: the UNet (and untrained text encoders) stored in
+    # float8, each Linear / Conv cast to bf16 for its matmul (eridiffusion/fp8.py); LoRA params stay fp32
+    dtype: Literal["bf16", "fp16", "fp32", "fp8", "fp8_e4m3", "fp8_e5m2"] = "bf16"
     allow_pickle: bool = False
 
 
@@ -153,8 +155,12 @@ class OptimConfig:
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    schedule: Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial"] = "constant"
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # warmup as a share of the run's steps (instead of warmup_steps)
+    num_cycles: float = 1.0  # cosine_with_restarts: cosine cycles over the run
+    power: float = 1.0  # polynomial: decay exponent (1 = linear)
+    lr_end: float = 0.0  # polynomial: final LR as a fraction of the base LR
 
 
 @dataclass(frozen=True)
@@ -169,6 +175,7 @@ class TrainSection:
     cuda_graph: bool = False  # replay forward + backward from CUDA graphs (one per bucket shape)
     memory_budget: float = 1.0  # with compile: share of activations the compiled regions keep (< 1 recomputes)
     max_grad_norm: float = 1.0  # 0 = no clipping
+    lora_dtype: Literal["fp32", "bf16"] = "fp32"  # the trained adapter weights and their optimizer state
     prediction: Literal["auto", "epsilon", "v_prediction"] = "auto"
     noise_offset: float = 0.0
     min_snr_gamma: float = 0.0  # 0 = plain MSE
@@ -347,6 +354,11 @@ class TrainConfig:
             ("optim.betas", all(0.0 <= b < 1.0 for b in o.betas), "two numbers in [0, 1)"),
             ("optim.eps", o.eps > 0, "> 0"),
             ("optim.warmup_steps", o.warmup_steps >= 0, ">= 0"),
+            ("optim.warmup_ratio", 0.0 <= o.warmup_ratio < 1.0, "in [0, 1)"),
+            ("optim.warmup_ratio", not (o.warmup_ratio and o.warmup_steps), "0 when optim.warmup_steps is set"),
+            ("optim.num_cycles", o.num_cycles > 0, "> 0"),
+            ("optim.power", o.power > 0, "> 0"),
+            ("optim.lr_end", 0.0 <= o.lr_end <= 1.0, "in [0, 1] (a fraction of the base LR)"),
             ("train.batch_size", t.batch_size > 0, "> 0"),
             ("train.grad_accum", t.grad_accum > 0, "> 0"),
             ("train.max_steps", t.max_steps >= 0, ">= 0 (0 = use train.epochs)"),

@@ -97,7 +97,7 @@ def test_unknown_key_names_the_nearest(tmp_path):
         ({"lora": {"rank": "4"}}, 'lora.rank expects an integer, got "4"'),
         ({"lora": {"rank": 4.0}}, "lora.rank expects an integer, got 4.0"),
         ({"train": {"gradient_checkpointing": 1}}, "train.gradient_checkpointing expects true or false, got 1"),
-        ({"model": {"dtype": "fp8"}}, "model.dtype expects one of 'bf16', 'fp16', 'fp32', got \"fp8\""),
+        ({"model": {"dtype": "int8"}}, "model.dtype expects one of 'bf16', 'fp16', 'fp32', 'fp8', 'fp8_e4m3', 'fp8_e5m2', got \"int8\""),
         ({"optim": {"betas": [0.9]}}, "optim.betas expects a list of 2 numbers, got [0.9]"),
         ({"sample": {"prompts": "a cat"}}, 'sample.prompts expects a list of strings, got "a cat"'),
         ({"data": {"resolution": True}}, "data.resolution expects an integer, got true"),

@@ -192,6 +192,7 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     groups = trainable.param_groups()
     opt = optim.build(o_cfg, groups, device)
     sampler, total, per_epoch = step_budget(cfg, s, w.size)
+    log(opt.describe())
     generators = {"data": torch.Generator().manual_seed(t_cfg.seed + 1),  # flips, caption dropout, tag order
                   "noise": torch.Generator(device).manual_seed(t_cfg.seed + 2)}  # timesteps, noise, latents
     step, history, elapsed0 = 0, [], 0.0
@@ -241,7 +242,7 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
                     stop.signum = distributed.agree_max(stop.signum, device)
                 if stop.signum:
                     break
-                optim.set_lr(opt.optimizer, optim.lr_factor(step, total, o_cfg.warmup_steps, o_cfg.schedule))
+                opt.set_lr(step, total)  # the schedule's LR (or a schedule-free optimizer's warmup)
                 result = train_step(batches, generators["noise"])
                 if result.skipped:
                     norm = None if result.norm is None else float(result.norm)
@@ -252,7 +253,7 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
                         break
                     continue
                 step += 1
-                runlog.add(step, result.loss, opt.optimizer.param_groups[0]["lr"], time.perf_counter() - t_start)
+                runlog.add(step, result.loss, float(opt.optimizer.param_groups[0]["lr"]), time.perf_counter() - t_start)
                 bar.update(1)
                 if step % cfg.log.every == 0 or step == total:
                     runlog.flush()

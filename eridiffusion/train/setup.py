@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from eridiffusion import checkpoint, faults, speed
+from eridiffusion import checkpoint, faults, fp8, speed
 from eridiffusion.config import TrainConfig
 from eridiffusion.data.cache import TensorCache, latent_settings, make_key, text_settings
 from eridiffusion.data.dataset import ImageDataset, build_datasets, downsample_mask
@@ -84,7 +84,9 @@ def encode_latents(vae: nn.Module, pixels: torch.Tensor, scale: float) -> dict[s
 
 
 def load_components(cfg: TrainConfig, device: torch.device, log: Log) -> checkpoint.Components:
-    dtype = DTYPES[cfg.model.dtype]
+    dtype = fp8.compute_dtype(cfg.model.dtype)  # fp8: loaded in bf16, the frozen weights stored in float8 below
+    if cfg.model.dtype in fp8.FP8:
+        fp8.check_device(cfg.model.dtype, device)
     family = None if cfg.model.family == "auto" else cfg.model.family
     log(f"loading {cfg.model.path} ({cfg.model.dtype}) on {device}")
     try:
@@ -98,6 +100,14 @@ def load_components(cfg: TrainConfig, device: torch.device, log: Log) -> checkpo
     if dtype == torch.float16:  # the SDXL VAE overflows in fp16 (formats.md): encode in fp32
         components.vae = components.vae.float()
     log(f"model: {components.family.name}")
+    if cfg.model.dtype in fp8.FP8:  # kohya --fp8_base: the frozen UNet (and untrained text encoders)
+        train_text = getattr(cfg, "trains_text_encoders", cfg.lora.train_text_encoder)
+        if getattr(cfg.train, "mode", "lora") != "lora":
+            raise ConfigError(f"model.dtype = {cfg.model.dtype!r} stores frozen weights in float8, and train.mode = "
+                              f"{cfg.train.mode!r} trains them: use model.dtype=bf16")  # fmt: skip
+        parts = [components.unet, *([] if train_text else components.text_modules())]
+        saved = sum(fp8.store_float8(m, fp8.FP8[cfg.model.dtype]) for m in parts)
+        log(f"model: frozen Linear / Conv weights stored as {fp8.FP8[cfg.model.dtype]} ({saved / 2**30:.2f} GiB saved)")
     multiple = components.family.bucket_multiple
     if cfg.data.bucket_step % multiple:
         raise ConfigError(f"data.bucket_step = {cfg.data.bucket_step} must be a multiple of {multiple} "
@@ -142,7 +152,7 @@ def load_setup(cfg: TrainConfig, log: Log, device: torch.device | None = None) -
     fam = components.family
     vae_id = f"{fam.name}-vae-{fingerprint(components.vae)}"
     text_id = f"{fam.name}-te-" + "".join(fingerprint(m) for m in components.text_modules())
-    return Setup(cfg, device, DTYPES[cfg.model.dtype], components, dataset, TensorCache(cfg.cache_dir),
+    return Setup(cfg, device, fp8.compute_dtype(cfg.model.dtype), components, dataset, TensorCache(cfg.cache_dir),
                  cfg.cache.latents and not dataset.random_crop, cache_text, vae_id, text_id)  # fmt: skip
 
 

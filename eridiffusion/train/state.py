@@ -42,7 +42,7 @@ def save_state(folder: Path, step: int, trainable, optimizer: torch.optim.Optimi
     run it belongs to (runs.py: a resume into another run's folder is refused)."""
     tensors: dict[str, torch.Tensor] = {}
     tensors.update({f"lora.{k}": v for k, v in trainable.state_tensors().items()})
-    opt = optimizer.state_dict()
+    opt = optim.state_dict(optimizer)  # plain tensors and JSON scalars
     opt_scalars: dict[str, dict] = {}
     for idx, st in opt["state"].items():
         for k, v in st.items():

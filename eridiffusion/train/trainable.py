@@ -45,6 +45,9 @@ class Adapters:
     def __init__(self, cfg: TrainConfig, components: Components):
         self.cfg, self.family = cfg, components.family
         self.nets = inject_adapters(cfg, components)
+        if cfg.train.lora_dtype != "fp32":  # created fp32; bf16 halves weights and optimizer state
+            for p in self.parameters():
+                p.data = p.data.to(DTYPES[cfg.train.lora_dtype])
         self.networks = self.nets  # TrainResult.networks (a full fine-tune has none)
         self.final_name = f"{cfg.save.name}.safetensors"
         self.metadata: dict[str, str] = {}  # set by train(): train.metadata.training_metadata

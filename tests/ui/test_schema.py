@@ -37,7 +37,7 @@ def test_field_types_and_docs():
     assert form["train.max_steps"]["type"] == {"kind": "int"}
     assert form["optim.betas"]["type"] == {"kind": "list", "item": "float", "length": 2}
     assert form["sample.prompts"]["type"] == {"kind": "list", "item": "str", "length": None}
-    assert form["model.dtype"]["type"]["choices"] == ["bf16", "fp16", "fp32"]
+    assert form["model.dtype"]["type"]["choices"] == ["bf16", "fp16", "fp32", "fp8", "fp8_e4m3", "fp8_e5m2"]
     assert form["train.max_steps"]["doc"].startswith("optimizer steps")
     assert form["lora.rank"]["doc"] == "LoRA rank of linear and 1×1 layers"
 
