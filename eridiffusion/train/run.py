@@ -142,6 +142,8 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     runs.check_layout(cfg)
     runs.check(out, kind, overwrite=cfg.save.overwrite, resume=resume_dir, name=cfg.save.name)
     resumed = None if resume_dir is None else load_state(resume_dir)
+    if resumed is not None:
+        check_resumable(resume_dir, resumed[0]["config"], cfg)
     if resumed is not None and t_cfg.max_steps and resumed[0]["step"] >= t_cfg.max_steps:
         raise ConfigError(f"--resume {resume_dir}: the state is at step {resumed[0]['step']} and train.max_steps = "
                           f"{t_cfg.max_steps}: nothing to train; pass train.max_steps=N with N > {resumed[0]['step']}")  # fmt: skip
@@ -201,7 +203,6 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
         if meta["step"] >= total:  # a budget from train.epochs
             raise ConfigError(f"--resume {resume_dir}: the state is at step {meta['step']} and this run stops at step "
                               f"{total}: nothing to train; raise train.max_steps or train.epochs")  # fmt: skip
-        check_resumable(resume_dir, meta["config"], cfg)
         restore(resume_dir, meta, tensors, trainable, opt, generators)
         if not distributed.restore_sampler(sampler, meta["sampler"]):
             log(f"resume: global batch {meta['sampler']['global_batch']} → {sampler.batch_size}, "
