@@ -193,6 +193,12 @@ class TrainSection:
     resume: bool = False
     max_nonfinite: int = 5  # NaN/inf steps in a row that stop the run (each is skipped); 0 = no check
     fsdp: bool = False  # torchrun: shard the frozen UNet per block (FSDP2), see docs/distributed.md
+    mode: Literal["lora", "finetune"] = "lora"  # finetune: the UNet's own weights train (train/finetune.py)
+    finetune_text_encoders: bool = False  # finetune: the text encoders' weights train too (optim.text_encoder_lr)
+    master_weights: bool = True  # finetune, bf16/fp16 weights: the optimizer updates an fp32 copy (fp32 state)
+    ema_decay: float = 0.0  # finetune: EMA of the trained weights (e.g. 0.9999); 0 = off
+    ema_device: Literal["gpu", "cpu"] = "gpu"  # where the fp32 EMA lives ("gpu": the training device)
+    ema_every_n_steps: int = 1  # optimizer steps between EMA updates
 
 
 @dataclass(frozen=True)
@@ -211,6 +217,7 @@ class SaveConfig:
     save_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     name: str = "lora"  # file stem and modelspec title
     overwrite: bool = False  # replace the outputs of an earlier run in save.output_dir
+    finetune_weights: Literal["ema", "raw"] = "ema"  # finetune: the checkpoint's UNet (raw when EMA is off)
 
 
 @dataclass(frozen=True)
@@ -382,6 +389,11 @@ class TrainConfig:
             ("train.device", re.fullmatch(r"auto|cpu|(cuda|mps)(:\d+)?", t.device) is not None,
              "auto, cpu, cuda, cuda:N or mps"),
             ("train.max_nonfinite", t.max_nonfinite >= 0, ">= 0 (0 = no check)"),
+            ("train.ema_decay", 0.0 <= t.ema_decay < 1.0, "in [0, 1) (0 = off)"),
+            ("train.ema_every_n_steps", t.ema_every_n_steps >= 1, ">= 1"),
+            ("train.fsdp", not (t.fsdp and t.mode == "finetune"), 'false with train.mode = "finetune": FSDP2 would '
+             "shard the trained weights and optimizer state, which rank 0's checkpoint and state files do not "
+             "gather yet; use DDP (train.fsdp=false)"),
             ("save.every_n_steps", self.save.every_n_steps >= 0, ">= 0 (0 = only at the end)"),
             ("save.every_n_epochs", self.save.every_n_epochs >= 0, ">= 0 (0 = not per epoch)"),
             ("save.keep_last", self.save.keep_last >= 0, ">= 0 (0 = keep every file)"),
@@ -430,6 +442,16 @@ class TrainConfig:
     @property
     def cache_dir(self) -> str:
         return self.cache.dir or os.path.join(self.save.output_dir, "cache")
+
+    @property
+    def text_encoder_key(self) -> str:
+        """The field that trains the text encoders in this `train.mode`."""
+        return "train.finetune_text_encoders" if self.train.mode == "finetune" else "lora.train_text_encoder"
+
+    @property
+    def trains_text_encoders(self) -> bool:
+        section, name = self.text_encoder_key.split(".")
+        return getattr(getattr(self, section), name)
 
 
 # ---------------------------------------------------------------- overrides

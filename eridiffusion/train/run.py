@@ -30,7 +30,10 @@ from eridiffusion.train.outputs import Log, RunLog, plot_loss
 from eridiffusion.train.setup import Setup, fill_cache, load_setup
 from eridiffusion.train.state import check_resumable, load_state, restore, save_state
 from eridiffusion.train.step import Objective, TrainStep
+from eridiffusion.train.finetune import FullModel
 from eridiffusion.train.trainable import Adapters
+
+TRAINABLES = {"lora": Adapters, "finetune": FullModel}  # train.mode → what the run trains (trainable.py)
 
 
 @dataclass
@@ -38,7 +41,7 @@ class TrainResult:
     """What a run produced; `losses` has one value per optimizer step since step 1."""
 
     output_dir: Path
-    lora_path: Path | None
+    lora_path: Path | None  # the saved weights: the LoRA, or the checkpoint in train.mode = "finetune"
     step: int
     losses: list[float]
     components: Components
@@ -67,7 +70,7 @@ def data_parallel(s: Setup, trainable, text_encoder, w, fsdp: bool, log: Log) ->
         return c.unet, []
     model = distributed.wrap_ddp(c.unet, w)
     synced = [model]
-    if text_encoder is not None and s.cfg.lora.train_text_encoder:
+    if text_encoder is not None and s.cfg.trains_text_encoders:
         for part in c.family.text_parts:
             wrapped = distributed.wrap_ddp(getattr(c, part), w, find_unused=True)
             setattr(text_encoder, part, wrapped)
@@ -98,8 +101,8 @@ def check_cuda_graph(cfg: TrainConfig, device: torch.device, processes: int) -> 
         why = f"needs a CUDA device, and this run is on {device}"
     elif processes > 1:
         why = f"runs in one process, and this run has {processes} under torchrun"
-    elif cfg.lora.train_text_encoder:
-        why = "does not capture the text encoders: set lora.train_text_encoder=false"
+    elif cfg.trains_text_encoders:
+        why = f"does not capture the text encoders: set {cfg.text_encoder_key}=false"
     if why:
         raise ConfigError(f"train.cuda_graph = true {why}; or set train.cuda_graph=false")
 
@@ -166,7 +169,7 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     if cfg.sample.prompts and cfg.sample.every_n_steps and fsdp:
         log("sample: previews are off under FSDP (every rank would have to sample the sharded UNet)")
     elif cfg.sample.prompts and cfg.sample.every_n_steps and w.main:
-        validation = pipeline.Validation(c, cfg.sample, out, encode_now=not cfg.lora.train_text_encoder,
+        validation = pipeline.Validation(c, cfg.sample, out, encode_now=not cfg.trains_text_encoders,
                                          prediction=prediction, zero_terminal_snr=t_cfg.zero_terminal_snr,
                                          max_tokens=cfg.data.max_tokens)  # fmt: skip
     if s.cache_latents:
@@ -176,9 +179,9 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    # -- adapters: fp32 trainable params over the frozen weights ---------------------------
+    # -- what trains: fp32 adapters over frozen weights, or the weights (train.mode) ----------
     seed_everything(t_cfg.seed)  # here, so the adapter init does not depend on what the cache had to do
-    trainable = Adapters(cfg, c)
+    trainable = TRAINABLES[t_cfg.mode](cfg, c)
     c.unet.gradient_checkpointing = t_cfg.gradient_checkpointing
     # train mode, TF32 and cuDNN autotune on CUDA, self-attention q/k/v (and LoRA) as one GEMM;
     # compiled regions go shape-generic after one recompile (buckets)
@@ -191,8 +194,7 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
 
     # -- optimizer (one param group per part, each with its LR), sampler, resume -----------
     o_cfg = cfg.optim
-    groups = trainable.param_groups()
-    opt = optim.build(o_cfg, groups, device)
+    opt = trainable.build_optimizer(device)
     sampler, total, per_epoch = step_budget(cfg, s, w.size)
     log(opt.describe())
     generators = {"data": torch.Generator().manual_seed(t_cfg.seed + 1),  # flips, caption dropout, tag order
@@ -211,8 +213,8 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
         log(f"resumed from {resume_dir} at step {step}")
     if w.rank:  # LoRA dropout masks differ per rank (global torch RNG); data / noise generators do not
         torch.manual_seed((t_cfg.seed * 1_000_003 + w.rank * 65_537 + step) % (1 << 63))
-    batches = Batches(s, sampler, generators["data"], generators["noise"], w, text_encoder, cfg.lora.train_text_encoder)
-    params = [p for g in groups for p in g["params"]]
+    batches = Batches(s, sampler, generators["data"], generators["noise"], w, text_encoder, cfg.trains_text_encoders)
+    params = trainable.parameters()
     train_step = TrainStep(fam, model, params, opt.optimizer, prediction=prediction, grad_accum=t_cfg.grad_accum,
                            max_grad_norm=t_cfg.max_grad_norm, min_snr_gamma=t_cfg.min_snr_gamma,
                            noise_offset=t_cfg.noise_offset, max_nonfinite=t_cfg.max_nonfinite,
@@ -261,7 +263,7 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
                 if cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0 and step < total:
                     lora_path, saved_at = save(step, final=False), step
                 if validation is not None and (step % cfg.sample.every_n_steps == 0 or step == total):
-                    with opt.eval_mode():
+                    with opt.eval_mode(), trainable.eval_weights():  # EMA weights in a fine-tune
                         validation(step, runlog.writer)
                 if stop_after is not None and stop_after <= step < total:
                     interrupted = True

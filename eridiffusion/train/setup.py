@@ -146,7 +146,7 @@ def load_setup(cfg: TrainConfig, log: Log, device: torch.device | None = None) -
         log("cache: random crop cannot use cached latents, encoding images every step")
     report_cut_captions(dataset, cfg.data.max_tokens, log)
     varies = dataset.caption_set() is None  # shuffled / dropped tags: a new caption every step
-    cache_text = cfg.cache.text and not cfg.lora.train_text_encoder and not varies
+    cache_text = cfg.cache.text and not cfg.trains_text_encoders and not varies
     if cfg.cache.text and varies:
         log("cache: shuffled or dropped tags make a new caption every step, encoding text every step")
     fam = components.family

@@ -1,5 +1,5 @@
-"""The resumable state of a run: not a pickle. Tensors (adapter weights, optimizer moments,
-RNG states) go to `state-step{N}.safetensors`, everything else to `state.json`, written last
+"""The resumable state of a run: not a pickle. Tensors (the trained weights and their EMA,
+optimizer moments, RNG states) go to `state-step{N}.safetensors`, everything else to `state.json`, written last
 and naming the tensor file, so a crash mid-save keeps the old state; a resumed run continues
 exactly (bit-identical losses on CPU).
 """
@@ -41,7 +41,7 @@ def save_state(folder: Path, step: int, trainable, optimizer: torch.optim.Optimi
     """Write the state of step `step` to `folder` (see the module docstring); `run_id` names the
     run it belongs to (runs.py: a resume into another run's folder is refused)."""
     tensors: dict[str, torch.Tensor] = {}
-    tensors.update({f"lora.{k}": v for k, v in trainable.state_tensors().items()})
+    tensors.update({f"trained.{k}": v for k, v in trainable.state_tensors().items()})
     opt = optim.state_dict(optimizer)  # plain tensors and JSON scalars
     opt_scalars: dict[str, dict] = {}
     for idx, st in opt["state"].items():
@@ -78,14 +78,17 @@ def load_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return meta, load_file(folder / meta["tensors"])
 
 
+_DEFAULTS = TrainConfig().to_dict()
+
+
 def check_resumable(folder: Path, saved: dict, cfg: TrainConfig) -> None:
     """What a state is tied to: the adapter layout, the optimizer's kind of state and the data
     order (train.seed). The rest (LRs, schedule, steps, ...) may change on resume."""
     now = cfg.to_dict()
     if saved["lora"] != now["lora"]:
         raise ConfigError(f"{folder}: the saved run used other [lora] settings; resume with the same ones")
-    for section, key in (("optim", "optimizer"), ("train", "seed")):
-        old, new = saved[section][key], now[section][key]
+    for section, key in (("train", "mode"), ("optim", "optimizer"), ("train", "seed")):
+        old, new = saved[section].get(key, _DEFAULTS[section][key]), now[section][key]  # older: no train.mode
         if old != new:
             raise ConfigError(f"{folder}: {section}.{key} = {json.dumps(new)} but the saved run used {json.dumps(old)}; "
                               f"resume with {section}.{key}={old} or start a new run")  # fmt: skip
@@ -94,7 +97,8 @@ def check_resumable(folder: Path, saved: dict, cfg: TrainConfig) -> None:
 def restore(folder: Path, meta: dict, tensors: dict[str, torch.Tensor], trainable, opt: optim.Optim,
             generators: dict[str, torch.Generator]) -> None:  # fmt: skip
     """Put the saved trained weights, optimizer state and RNG states back."""
-    trainable.load_state_tensors({k[5:]: v for k, v in tensors.items() if k.startswith("lora.")}, str(folder))
+    prefix = "trained." if any(k.startswith("trained.") for k in tensors) else "lora."  # "lora.": older states
+    trainable.load_state_tensors({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, str(folder))
     optim.load_state(opt, _optimizer_state(meta, tensors))
     _restore_rng(meta, tensors, generators)
 

@@ -98,6 +98,9 @@ class TrainStep:
         self.schedule = family.schedule(self.device, zero_terminal_snr=objective.zero_terminal_snr)
         self.guard = faults.NonFiniteGuard(max_nonfinite)
         self.graphed = speed.GraphedBackward(self.micro_step, self.params) if cuda_graph else None
+        # params the optimizer does not hold (it updates fp32 copies of them: finetune.FullModel)
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        self.unheld = [p for p in self.params if id(p) not in held]
 
     def micro_step(self, x0, time_ids, t, noise, *rest, scale: float = 1.0) -> torch.Tensor:
         """Forward and backward of one micro-batch (gradients accumulate); returns the loss.
@@ -117,6 +120,11 @@ class TrainStep:
 
     def clear_grads(self) -> None:
         self.optimizer.zero_grad(set_to_none=self.graphed is None)
+        for p in self.unheld:
+            if self.graphed is None:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
 
     def accumulate(self, batches: Iterator, noise_gen: torch.Generator) -> torch.Tensor:
         """Forward + backward of `grad_accum` micro-batches; returns the mean loss (device)."""

@@ -2,19 +2,21 @@
 
 `Adapters` (LoRA mode) injects the configured adapters into the family's parts and writes a
 kohya-format adapter file. A full fine-tune is another class with the same methods (train/
-stays unaware of which): `param_groups`, `parameters`, `state_tensors` / `load_state_tensors`
-(resume), `save(path, step, epoch, num_images, prediction)`, `final_name`, `step_name(step)`,
+stays unaware of which): `param_groups`, `parameters` (the tensors backward fills),
+`build_optimizer(device)`, `eval_weights()` (a context around previews), `state_tensors` /
+`load_state_tensors` (resume), `save(path, step, epoch, num_images, prediction)`, `final_name`, `step_name(step)`,
 `networks` (the adapter networks by kind; {} for a full fine-tune), `describe()` and `metadata`
 (the run's kohya `ss_*` keys from train/metadata.py, written into every saved file).
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 
-from eridiffusion import networks
+from eridiffusion import networks, optim
 from eridiffusion.checkpoint import Components
 from eridiffusion.config import TrainConfig
 from eridiffusion.devices import DTYPES
@@ -59,6 +61,12 @@ class Adapters:
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for net in self.nets.values() for p in net.lora_parameters()]
+
+    def build_optimizer(self, device: torch.device) -> optim.Optim:
+        return optim.build(self.cfg.optim, self.param_groups(), device)
+
+    def eval_weights(self):
+        return contextlib.nullcontext()  # previews run the adapters as trained
 
     def describe(self) -> str:
         lo, n = self.cfg.lora, sum(p.numel() for p in self.parameters())
