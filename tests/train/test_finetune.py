@@ -36,7 +36,7 @@ def _cfg(root, out, steps=STEPS, **sections):
     cfg = demo_config(root, steps)
     return cfg.replace(
         data={"resolution": 64, "bucket_min": 64, "bucket_max": 128, "flip": False, "caption_dropout": 0.0},
-        optim={"unet_lr": 1e-3, "schedule": "constant", "warmup_steps": 0},
+        optim={"unet_lr": 1e-3, "schedule": "constant", "warmup_steps": 0, **sections.pop("optim", {})},
         train={"mode": "finetune", "ema_decay": DECAY, "ema_every_n_steps": EVERY, "ema_device": "cpu",
                **sections.pop("train", {})},
         save={"output_dir": str(root / out), "every_n_steps": 0, "save_dtype": "fp32", "finetune_weights": "raw",
@@ -221,3 +221,40 @@ def test_resume_refuses_another_mode(root, reference):
                                                 cache={"dir": str(root / "cache")}, sample={"every_n_steps": 0})  # fmt: skip
     with pytest.raises(ConfigError, match=r'train\.mode = "lora" but the saved run used "finetune"'):
         train(lora, **QUIET)
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfgs: list) -> None:
+    """One torchrun-like rank (as tests/test_distributed.py's)."""
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")  # fmt: skip
+    torch.set_num_threads(1)
+    train(cfgs[rank], **QUIET)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(root):
+    """DDP over the whole UNet (gloo): 2 processes × batch 1 = 1 process × batch 2, within float
+    noise (SGD: Adam's first steps would turn that noise in near-zero gradients into ±lr)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    def cfg(out, batch):
+        return _cfg(root, out, steps=3, optim={"optimizer": "sgd", "unet_lr": 0.05}, train={"batch_size": batch})
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    two = cfg("ddp", 1)
+    mp.start_processes(_ddp_worker, args=(2, port, [two, two.replace(save={"output_dir": str(root / "ddp-rank1")})]),
+                       nprocs=2, join=True, start_method="spawn")  # fmt: skip
+    one = train(cfg("ddp-one", 2), **QUIET)
+    a, b = load_file(root / "ddp" / "lora.safetensors"), load_file(one.lora_path)
+    unet = [k for k in a if k.startswith("model.diffusion_model.")]
+    diff = max(float((a[k] - b[k]).abs().max()) for k in unet)
+    moved = max(float((a[k] - load_file(root / "tiny_sdxl.safetensors")[k]).abs().max()) for k in unet[:4])
+    print(f"max |UNet(2 procs × 1) - UNet(1 proc × 2)| after 3 steps = {diff:.3g}, moved {moved:.3g}")
+    assert diff < 1e-6 and moved > 1e-4
+    assert not (root / "ddp-rank1").exists()
