@@ -283,6 +283,37 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- eri lora merge / resize (networks/tools.py) ---------------------------------------------
+@command(
+    "lora",
+    "adapter files: merge into a checkpoint (merge CKPT LORA[:W] ... --out F) or cut a LoRA's rank (resize LORA --rank N --out F)",
+    arg("action", choices=("merge", "resize")),
+    arg("files", nargs="+", metavar="FILE", help="merge: CKPT then LORA[:STRENGTH] ...; resize: one LoRA file"),
+    arg("--out", required=True, help="the file to write"),
+    arg("--rank", type=int, help="resize: the new rank (modules of a lower rank keep theirs)"),
+    arg("--allow-pickle", action="store_true", help="merge: read a .ckpt checkpoint (weights_only=True)"),
+)
+def lora(args: argparse.Namespace) -> int:
+    from eridiffusion.networks import tools
+    from eridiffusion.pipeline import parse_lora
+
+    if args.action == "merge":
+        if len(args.files) < 2:
+            raise UserError("merge needs CKPT and at least one LORA[:STRENGTH]")
+        changed = tools.merge_into_checkpoint(args.files[0], [parse_lora(x) for x in args.files[1:]], args.out,
+                                              allow_pickle=args.allow_pickle)  # fmt: skip
+        print(f"lora merge: {len(changed)} weights changed, the other tensors copied as they were; wrote {args.out}")
+        return 0
+    if args.rank is None or len(args.files) != 1:
+        raise UserError("resize needs one LoRA file and --rank N")
+    report = tools.resize(args.files[0], args.rank, args.out)
+    for name, (old, new, energy) in report.items():
+        print(f"{name}: rank {old} -> {new}, kept energy {energy:.2%}")
+    low = min(report.items(), key=lambda kv: kv[1][2])
+    print(f"lora resize: {len(report)} modules, lowest kept energy {low[1][2]:.2%} ({low[0]}); wrote {args.out}")
+    return 0
+
+
 # -- eri sample (docs/sampling.md) ------------------------------------------------------------
 @command(
     "sample",

@@ -144,6 +144,11 @@ class LoRAConfig:
     dropout: float = 0.0
     unet_targets: tuple[str, ...] = ()  # () = networks.UNET_TARGETS: attention/ff/proj
     train_text_encoder: bool = False
+    type: Literal["lora", "locon", "loha", "lokr"] = "lora"  # the adapter (networks.TYPES); locon = lora + conv_rank
+    factor: int = -1  # lokr: Kronecker split of each dimension near this factor; -1 = balanced (LyCORIS)
+    decompose_both: bool = False  # lokr: the small factor low-rank too (LyCORIS decompose_both)
+    dora: bool = False  # DoRA: a trainable magnitude (dora_scale) per input column over the adapter
+    init_from: str = ""  # an adapter file of the same type/rank/targets to start from (kohya --network_weights)
 
 
 @dataclass(frozen=True)
@@ -353,6 +358,8 @@ class TrainConfig:
             ("lora.conv_rank", lo.conv_rank >= 0, ">= 0 (0 = off)"),
             ("lora.conv_alpha", lo.conv_alpha >= 0, ">= 0 (0 = same as conv_rank)"),
             ("lora.dropout", 0.0 <= lo.dropout < 1.0, "in [0, 1)"),
+            ("lora.conv_rank", lo.type != "locon" or lo.conv_rank > 0, '> 0 with lora.type = "locon" (the conv rank)'),
+            ("lora.factor", lo.factor == -1 or lo.factor > 0, "-1 (balanced) or > 0"),
             ("model.family", self.model.family in ("auto", *_families()), f"auto or one of {', '.join(_families())}"),
             ("optim.optimizer", o.optimizer in _optimizers(), f"one of {', '.join(_optimizers())}"),
             ("optim.unet_lr", o.unet_lr >= 0, ">= 0"),
@@ -436,6 +443,8 @@ class TrainConfig:
                 raise ConfigError(f"data.subsets[{j}].dir = {subset.dir!r} is not a folder: set it to a folder of images")
         if self.data.validation_dir and not os.path.isdir(self.data.validation_dir):
             raise ConfigError(f"data.validation_dir = {self.data.validation_dir!r} is not a folder: set it to a folder of images")
+        if self.lora.init_from and not os.path.isfile(self.lora.init_from):
+            raise ConfigError(f"lora.init_from = {self.lora.init_from!r} does not exist: set it to an adapter .safetensors file")
         if self.sample.prompt_file and not os.path.isfile(self.sample.prompt_file):
             raise ConfigError(f"sample.prompt_file = {self.sample.prompt_file!r} does not exist: set it to a .txt file")
 

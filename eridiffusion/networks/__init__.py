@@ -27,6 +27,7 @@ from eridiffusion.networks.naming import (
     unet_lora_name,
 )
 from eridiffusion.networks.network import LoRANetwork, inject
+from eridiffusion.networks import tools  # noqa: E402  (merge / resize; after the registry is filled)
 
 AdapterNetwork = LoRANetwork
 

@@ -136,6 +136,12 @@ class AdapterStack(nn.Module):
     def __init__(self, adapters: Iterable[nn.Module]):
         super().__init__()
         self.adapters = nn.ModuleList(adapters)
+        # an adapter whose ΔW depends on the weight (DoRA, `below`) sees the ones before it on its
+        # layer (or q/k/v slice) as part of W: the sequential patching ComfyUI and merge() do
+        for i, unit in enumerate(self.adapters):
+            for j, a in enumerate(_branches(unit)):
+                if a is not None and hasattr(a, "below"):
+                    a.below = [b for prev in self.adapters[:i] if (b := _branches(prev)[j]) is not None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.adapters[0].base_forward(x)
@@ -151,6 +157,11 @@ class AdapterStack(nn.Module):
     def unmerge(self) -> None:
         for a in self.adapters:
             a.unmerge()
+
+
+def _branches(unit: nn.Module) -> list:
+    """The adapters of one unit: a fused attention's q/k/v branches (`LoRAQKV`), or the unit itself."""
+    return list(unit.branches) if hasattr(unit, "branches") else [unit]
 
 
 # identifying suffix -> adapter class

@@ -59,6 +59,7 @@ class DoRA(WeightDelta):
         self.inner = inner
         self.on_output = dora_scale.shape[0] == self.layer.shape[0] and dora_scale.shape[0] != 1
         self.dora_scale = nn.Parameter(dora_scale.detach().to(self.layer.device, torch.float32).clone())
+        self.below: list[Adapter] = []  # adapters before this one on the layer (`AdapterStack`): part of W
 
     @classmethod
     @functools.cache
@@ -76,8 +77,11 @@ class DoRA(WeightDelta):
         return self.inner.state_tensors() | {"dora_scale": self.dora_scale.detach()}
 
     def delta_weight(self) -> torch.Tensor:
-        """W' − W (fp32): dora_scale · (W + ΔW) / ‖W + ΔW‖ − W."""
+        """W' − W (fp32): dora_scale · (W + ΔW) / ‖W + ΔW‖ − W, W including the unmerged updates of
+        the adapters below this one on the layer (a later file on it patches what they left)."""
         w = self.layer.target().float()
+        for b in self.below:
+            w = w if b.merged else w + b.delta_weight() * b.multiplier
         adapted = w + self.inner.delta_weight()
         return adapted * (self.dora_scale / column_norm(adapted, self.on_output)) - w
 

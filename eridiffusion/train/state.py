@@ -85,7 +85,7 @@ def check_resumable(folder: Path, saved: dict, cfg: TrainConfig) -> None:
     """What a state is tied to: the adapter layout, the optimizer's kind of state and the data
     order (train.seed). The rest (LRs, schedule, steps, ...) may change on resume."""
     now = cfg.to_dict()
-    if saved["lora"] != now["lora"]:
+    if {**saved["lora"], "init_from": ""} != {**now["lora"], "init_from": ""}:  # init_from only seeds a new run
         raise ConfigError(f"{folder}: the saved run used other [lora] settings; resume with the same ones")
     for section, key in (("train", "mode"), ("optim", "optimizer"), ("train", "seed")):
         old, new = saved[section].get(key, _DEFAULTS[section][key]), now[section][key]  # older: no train.mode

@@ -35,10 +35,16 @@ def inject_adapters(cfg: TrainConfig, c: Components) -> dict:
         targets = (list(lo.unet_targets) if is_unet else []) or list(fam.lora_targets(kind, conv=bool(conv_rank)))
         nets[kind] = networks.inject(getattr(c, part), kind, lo.rank, lo.alpha, targets=targets,
                                      conv_rank=conv_rank if is_unet else None, conv_alpha=conv_alpha if is_unet else None,
-                                     dropout=lo.dropout, naming=fam.unet_lora_naming if is_unet else None)  # fmt: skip
+                                     dropout=lo.dropout, naming=fam.unet_lora_naming if is_unet else None,
+                                     algo=lo.type, dora=lo.dora, options=adapter_options(lo))  # fmt: skip
         if not is_unet:
             getattr(c, part).train()  # LoRA dropout on; previews restore the mode they find
     return nets
+
+
+def adapter_options(lo) -> dict:
+    """The adapter types' own settings (`networks.inject` passes each type those it takes)."""
+    return {"factor": lo.factor, "decompose_both": lo.decompose_both}
 
 
 class Adapters:
@@ -47,6 +53,8 @@ class Adapters:
     def __init__(self, cfg: TrainConfig, components: Components):
         self.cfg, self.family = cfg, components.family
         self.nets = inject_adapters(cfg, components)
+        if cfg.lora.init_from:  # kohya --network_weights: start from a file's adapters
+            networks.load_into(self.nets, cfg.lora.init_from)
         if cfg.train.lora_dtype != "fp32":  # created fp32; bf16 halves weights and optimizer state
             for p in self.parameters():
                 p.data = p.data.to(DTYPES[cfg.train.lora_dtype])
@@ -70,7 +78,8 @@ class Adapters:
 
     def describe(self) -> str:
         lo, n = self.cfg.lora, sum(p.numel() for p in self.parameters())
-        return f"lora: rank {lo.rank}, alpha {lo.alpha}, {n:,} trainable parameters in {', '.join(self.nets)}"
+        kind = f"{lo.type}{' + DoRA' if lo.dora else ''}" + (f" from {lo.init_from}" if lo.init_from else "")
+        return f"{kind}: rank {lo.rank}, alpha {lo.alpha}, {n:,} trainable parameters in {', '.join(self.nets)}"
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {f"{kind}.{k}": v for kind, net in self.nets.items() for k, v in net.lora_state_dict().items()}
@@ -90,6 +99,6 @@ class Adapters:
             self.family, rank=lo.rank, alpha=lo.alpha, steps=step, epoch=epoch, resolution=cfg.data.resolution,
             num_images=num_images, title=cfg.save.name, conv_rank=conv_rank,
             conv_alpha=(lo.conv_alpha or lo.conv_rank) if conv_rank else None, prediction_type=prediction,
-            **self.metadata,
+            algo=lo.type, dora=lo.dora, options=adapter_options(lo), **self.metadata,
         )  # fmt: skip
         networks.save_lora(path, list(self.nets.values()), metadata=meta, dtype=DTYPES[cfg.save.save_dtype])
