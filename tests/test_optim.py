@@ -16,8 +16,8 @@ from eridiffusion.config import ConfigError, OptimConfig, TrainConfig
 # name → optim section; each library runs on the CPU in the versions of the [optim] extra
 CASES = {
     "adamw": {},
-    "adamw8bit": {"optimizer": "adamw8bit"},
-    "adamw8bit-bnb": {"optimizer": "adamw8bit", "args": {"backend": "bitsandbytes"}},
+    "adamw8bit": {"optimizer": "adamw8bit", "args": {"backend": "torchao"}},
+    "adamw8bit-bnb": {"optimizer": "adamw8bit"},  # bitsandbytes, the default backend
     "adamw4bit": {"optimizer": "adamw4bit"},
     "prodigy": {"optimizer": "prodigy", "unet_lr": 1.0, "text_encoder_lr": 1.0, "args": {"d_coef": 2.0, "use_bias_correction": True,
                                                                  "safeguard_warmup": True}},
@@ -35,11 +35,12 @@ def _cfg(**o) -> OptimConfig:
 
 
 def _params(seed=0):
-    """A quantizable (64×512: 8-bit states) and a small (8,) parameter, as two groups."""
+    """Two quantizable (64×512: 8-bit states; bitsandbytes shares their qmap) and a small (8,)
+    parameter, as two groups."""
     g = torch.Generator().manual_seed(seed)
-    big = torch.nn.Parameter(torch.randn(64, 512, generator=g) * 0.1)
+    big = [torch.nn.Parameter(torch.randn(64, 512, generator=g) * 0.1) for _ in range(2)]
     small = torch.nn.Parameter(torch.randn(8, generator=g))
-    return [big, small], [{"params": [big], "lr": None, "name": "unet"}, {"params": [small], "lr": None, "name": "te1"}]
+    return [*big, small], [{"params": big, "lr": None, "name": "unet"}, {"params": [small], "lr": None, "name": "te1"}]
 
 
 def _build(o: dict, seed=0):
