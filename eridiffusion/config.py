@@ -275,21 +275,6 @@ class TrainConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     @classmethod
-    def sdxl(cls) -> TrainConfig:
-        """Defaults for an SDXL base LoRA (1024² buckets)."""
-        return cls()
-
-    @classmethod
-    def sd15(cls) -> TrainConfig:
-        """Defaults for an SD1.5 LoRA (512² buckets)."""
-        return cls.from_dict(
-            {
-                "data": {"resolution": 512, "bucket_min": 256, "bucket_max": 1024},
-                "sample": {"size": [512, 512]},
-            }
-        )
-
-    @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> TrainConfig:
         """Build from a nested dict (as TOML parses it), checking names, types and values."""
         sections = {}

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eridiffusion import distributed, faults, optim, pipeline, runs, speed
+from eridiffusion import distributed, faults, optim, runs, speed
 from eridiffusion.checkpoint import Components
 from eridiffusion.config import TrainConfig
 from eridiffusion.data.buckets import BucketBatchSampler
@@ -26,12 +26,16 @@ from eridiffusion.devices import resolve_device
 from eridiffusion.errors import ConfigError
 from eridiffusion.io import remove_temp_files, write_text
 from eridiffusion.train.batches import Batches
+from eridiffusion.train.finetune import FullModel
+from eridiffusion.train.metadata import training_metadata
 from eridiffusion.train.outputs import Log, RunLog, plot_loss
+from eridiffusion.train.periodic import Periodic, build_evaluators
 from eridiffusion.train.setup import Setup, fill_cache, load_setup
 from eridiffusion.train.state import check_resumable, load_state, restore, save_state
 from eridiffusion.train.step import Objective, TrainStep
-from eridiffusion.train.finetune import FullModel
+from eridiffusion.train.trackers import Trackers, require_wandb
 from eridiffusion.train.trainable import Adapters
+from eridiffusion.train.validation import validation_dataset
 
 TRAINABLES = {"lora": Adapters, "finetune": FullModel}  # train.mode → what the run trains (trainable.py)
 
@@ -150,6 +154,8 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     if resumed is not None and t_cfg.max_steps and resumed[0]["step"] >= t_cfg.max_steps:
         raise ConfigError(f"--resume {resume_dir}: the state is at step {resumed[0]['step']} and train.max_steps = "
                           f"{t_cfg.max_steps}: nothing to train; pass train.max_steps=N with N > {resumed[0]['step']}")  # fmt: skip
+    if cfg.log.wandb:
+        require_wandb()  # a missing library before anything loads
     w = distributed.init(resolve_device(t_cfg.device))  # torchrun: join the group; else one process
     if t_cfg.cuda_graph:
         check_cuda_graph(cfg, w.device, w.size)
@@ -162,16 +168,12 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     # zero-terminal SNR implies v-prediction (config.validate refuses epsilon with it)
     auto = "v_prediction" if t_cfg.zero_terminal_snr else fam.prediction
     prediction = auto if t_cfg.prediction == "auto" else t_cfg.prediction
+    s.dataset, val_data = validation_dataset(cfg, s.dataset, log)  # held out before the cache fills
     fill_cache(s, log, progress, w.rank, w.size)
     distributed.barrier()  # every rank's share of the cache is written
-    validation = None  # built before the VAE / text encoders are freed: it keeps what it needs
     fsdp = t_cfg.fsdp and w.distributed
-    if cfg.sample.prompts and cfg.sample.every_n_steps and fsdp:
-        log("sample: previews are off under FSDP (every rank would have to sample the sharded UNet)")
-    elif cfg.sample.prompts and cfg.sample.every_n_steps and w.main:
-        validation = pipeline.Validation(c, cfg.sample, out, encode_now=not cfg.trains_text_encoders,
-                                         prediction=prediction, zero_terminal_snr=t_cfg.zero_terminal_snr,
-                                         max_tokens=cfg.data.max_tokens)  # fmt: skip
+    # built before the VAE / text encoders are freed: they keep what they need
+    previews, val_loss = build_evaluators(cfg, s, val_data, w.main, fsdp, prediction, log)
     if s.cache_latents:
         c.vae = None  # no longer needed: free its memory
     if s.cache_text:
@@ -234,12 +236,17 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     log(f"training {total} steps (batch {t_cfg.batch_size} × {w.size} processes × accumulation {t_cfg.grad_accum}"
         f" = global batch {t_cfg.batch_size * w.size * t_cfg.grad_accum}, {per_epoch} steps per epoch) → {out}")
     bar = tqdm(total=total, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
-    runlog = RunLog(out, history, w.main, cfg.log.tensorboard, bar, log, device)
+    runlog = RunLog(out, history, w.main, Trackers.open(out, cfg, log) if w.main else None, bar, device)
+    trainable.metadata = training_metadata(cfg, s.dataset, opt.optimizer, takes=opt.spec.takes, total_steps=total,
+                                           per_epoch=per_epoch, val_images=len(val_data or ()))  # fmt: skip
     save = Saver(cfg, s, trainable, opt, sampler, generators, runlog, prediction, t_start, w.main, run_id)
     guard, lora_path, interrupted, saved_at, fault = train_step.guard, None, False, 0, None
     stop = faults.StopSignals(log).install()  # SIGINT / SIGTERM: finish this step, save, exit 130 / 143
+    validate = val_loss and val_loss.for_step(train_step, c.unet, text_encoder, c.text_modules())
+    periodic = Periodic(cfg, total, per_epoch, runlog, save, trainable, opt, previews, validate, bar, stop, log)
     try:
         with speed.activation_budget(t_cfg.memory_budget):  # read when the regions compile
+            periodic.start(step)  # sample.at_start: the step-0 grid
             while step < total:
                 if w.distributed:  # all ranks stop at the same step
                     stop.signum = distributed.agree_max(stop.signum, device)
@@ -258,13 +265,8 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
                 step += 1
                 runlog.add(step, result.loss, float(opt.optimizer.param_groups[0]["lr"]), time.perf_counter() - t_start)
                 bar.update(1)
-                if step % cfg.log.every == 0 or step == total:
-                    runlog.flush()
-                if cfg.save.every_n_steps and step % cfg.save.every_n_steps == 0 and step < total:
-                    lora_path, saved_at = save(step, final=False), step
-                if validation is not None and (step % cfg.sample.every_n_steps == 0 or step == total):
-                    with opt.eval_mode(), trainable.eval_weights():  # EMA weights in a fine-tune
-                        validation(step, runlog.writer)
+                if (saved := periodic(step)) is not None:  # validation, log, saves, previews
+                    lora_path, saved_at = saved, step
                 if stop_after is not None and stop_after <= step < total:
                     interrupted = True
                     break

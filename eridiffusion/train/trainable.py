@@ -7,6 +7,7 @@ stays unaware of which): `param_groups`, `parameters` (the tensors backward fill
 `load_state_tensors` (resume), `save(path, step, epoch, num_images, prediction)`, `final_name`, `step_name(step)`,
 `networks` (the adapter networks by kind; {} for a full fine-tune), `describe()` and `metadata`
 (the run's kohya `ss_*` keys from train/metadata.py, written into every saved file).
+The full fine-tune is `FullModel` in train/finetune.py.
 """
 
 from __future__ import annotations
