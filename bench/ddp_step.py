@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench.train_step import ATTN_TARGETS, CONTEXT, LATENT  # noqa: E402
+from bench.train_step import ATTN_TARGETS, LATENT  # noqa: E402
 from bench.steps import compile_stages, training_step  # noqa: E402
 from eridiffusion import distributed, networks  # noqa: E402
 from eridiffusion.models.unet import UNet, UNetConfig, sdxl_vector  # noqa: E402

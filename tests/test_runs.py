@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from eridiffusion import checkpoint, pipeline, runs
 from eridiffusion.cli import main

@@ -54,7 +54,7 @@ class Batches:
         return self
 
     def __next__(self) -> Batch:
-        s, device = self.s, self.s.device
+        device = self.s.device
         idx = next(self._indices)
         rows, scale = distributed.slice_weights(len(idx), self.world.rank, self.world.size)
         # one generator per sample, seeded from data_gen for the whole global batch: every rank

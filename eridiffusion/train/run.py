@@ -32,7 +32,7 @@ from eridiffusion.train.outputs import Log, RunLog, plot_loss
 from eridiffusion.train.periodic import Periodic, build_evaluators
 from eridiffusion.train.setup import Setup, fill_cache, load_setup
 from eridiffusion.train.state import check_resumable, load_state, restore, save_state
-from eridiffusion.train.step import Objective, TrainStep
+from eridiffusion.train.step import TrainStep
 from eridiffusion.train.trackers import Trackers, require_wandb
 from eridiffusion.train.trainable import Adapters
 from eridiffusion.train.validation import validation_dataset
@@ -135,6 +135,67 @@ class Saver:
         return path
 
 
+def preflight(cfg: TrainConfig, out: Path, kind: str, resume_dir: Path | None):
+    """What can be checked before anything loads: the folders, the folder's run, the state to
+    continue (returned as `load_state`'s (meta, tensors), or None) and optional libraries."""
+    runs.check_layout(cfg)
+    runs.check(out, kind, overwrite=cfg.save.overwrite, resume=resume_dir, name=cfg.save.name)
+    resumed = None if resume_dir is None else load_state(resume_dir)
+    if resumed is not None:
+        check_resumable(resume_dir, resumed[0]["config"], cfg)
+        at, max_steps = resumed[0]["step"], cfg.train.max_steps
+        if max_steps and at >= max_steps:
+            raise ConfigError(f"--resume {resume_dir}: the state is at step {at} and train.max_steps = {max_steps}: "
+                              f"nothing to train; pass train.max_steps=N with N > {at}")  # fmt: skip
+    if cfg.log.wandb:
+        require_wandb()
+    return resumed
+
+
+def prediction_of(cfg: TrainConfig, fam) -> str:
+    """The training target: train.prediction, or the family's (v-prediction with zero-terminal SNR;
+    config.validate refuses epsilon with it)."""
+    auto = "v_prediction" if cfg.train.zero_terminal_snr else fam.prediction
+    return auto if cfg.train.prediction == "auto" else cfg.train.prediction
+
+
+def make_fast(cfg: TrainConfig, c: Components) -> None:
+    """Gradient checkpointing, train mode, TF32 and cuDNN autotune on CUDA, self-attention q/k/v (and
+    LoRA) as one GEMM; with train.compile the family's regions, shape-generic after one recompile."""
+    c.unet.gradient_checkpointing = cfg.train.gradient_checkpointing
+    speed.optimize_for_training(c.unet, compile=False, fused_qkv=True)
+    if cfg.train.compile:
+        c.family.compile_regions(c.unet, dynamic=None)
+
+
+def resume(resumed, resume_dir: Path, total: int, trainable, opt: optim.Optim, sampler, generators,
+           log: Log) -> tuple[int, list, float]:  # fmt: skip
+    """Put a saved state back; returns (step, loss history, elapsed seconds)."""
+    meta, tensors = resumed
+    if meta["step"] >= total:  # a budget from train.epochs
+        raise ConfigError(f"--resume {resume_dir}: the state is at step {meta['step']} and this run stops at step "
+                          f"{total}: nothing to train; raise train.max_steps or train.epochs")  # fmt: skip
+    restore(resume_dir, meta, tensors, trainable, opt, generators)
+    if not distributed.restore_sampler(sampler, meta["sampler"]):
+        log(f"resume: global batch {meta['sampler']['global_batch']} → {sampler.batch_size}, "
+            "continuing at the same epoch and sample count (not the same batches)")  # fmt: skip
+    log(f"resumed from {resume_dir} at step {meta['step']}")
+    return meta["step"], meta["history"], meta["elapsed"]
+
+
+def claim_folder(cfg: TrainConfig, s: Setup, kind: str, resume_dir: Path | None, log: Log) -> str:
+    """Rank 0: the output folder becomes this run's (a replaced run's files move to
+    .replaced/<run id>/); its config (without overwrite / resume) and dataset report. Returns the run id."""
+    out = Path(cfg.save.output_dir)
+    run_id = runs.claim(out, kind, runs.config_hash(cfg), overwrite=cfg.save.overwrite, resume=resume_dir,
+                        name=cfg.save.name).run_id  # fmt: skip
+    for stale in remove_temp_files(out) + remove_temp_files(out / "state"):
+        log(f"removed {stale}, a partial write of a killed run")
+    write_text(out / "config.toml", runs.saved_config(cfg).to_toml())
+    s.dataset.report.write(out / "dataset_report.txt")  # every skipped / ignored file and why
+    return run_id
+
+
 def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop_after: int | None = None,
           log: Log = print, progress: bool = True, kind: str = "train") -> TrainResult:  # fmt: skip
     """Train a LoRA as `cfg` says; resume from `resume_dir` (or `save.output_dir/state` when
@@ -145,17 +206,7 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     out, t_cfg = Path(cfg.save.output_dir), cfg.train
     resume_dir = out / "state" if resume_dir is None and t_cfg.resume else resume_dir
     resume_dir = None if resume_dir is None else Path(resume_dir)
-    # before anything loads: the folders, the folder's run and the state to continue
-    runs.check_layout(cfg)
-    runs.check(out, kind, overwrite=cfg.save.overwrite, resume=resume_dir, name=cfg.save.name)
-    resumed = None if resume_dir is None else load_state(resume_dir)
-    if resumed is not None:
-        check_resumable(resume_dir, resumed[0]["config"], cfg)
-    if resumed is not None and t_cfg.max_steps and resumed[0]["step"] >= t_cfg.max_steps:
-        raise ConfigError(f"--resume {resume_dir}: the state is at step {resumed[0]['step']} and train.max_steps = "
-                          f"{t_cfg.max_steps}: nothing to train; pass train.max_steps=N with N > {resumed[0]['step']}")  # fmt: skip
-    if cfg.log.wandb:
-        require_wandb()  # a missing library before anything loads
+    resumed = preflight(cfg, out, kind, resume_dir)  # before anything loads
     w = distributed.init(resolve_device(t_cfg.device))  # torchrun: join the group; else one process
     if t_cfg.cuda_graph:
         check_cuda_graph(cfg, w.device, w.size)
@@ -165,9 +216,7 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     # -- models, data, cache --------------------------------------------------------------
     s = load_setup(cfg, log, w.device)
     c, device, fam = s.components, s.device, s.family
-    # zero-terminal SNR implies v-prediction (config.validate refuses epsilon with it)
-    auto = "v_prediction" if t_cfg.zero_terminal_snr else fam.prediction
-    prediction = auto if t_cfg.prediction == "auto" else t_cfg.prediction
+    prediction = prediction_of(cfg, fam)
     s.dataset, val_data = validation_dataset(cfg, s.dataset, log)  # held out before the cache fills
     fill_cache(s, log, progress, w.rank, w.size)
     distributed.barrier()  # every rank's share of the cache is written
@@ -184,18 +233,12 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     # -- what trains: fp32 adapters over frozen weights, or the weights (train.mode) ----------
     seed_everything(t_cfg.seed)  # here, so the adapter init does not depend on what the cache had to do
     trainable = TRAINABLES[t_cfg.mode](cfg, c)
-    c.unet.gradient_checkpointing = t_cfg.gradient_checkpointing
-    # train mode, TF32 and cuDNN autotune on CUDA, self-attention q/k/v (and LoRA) as one GEMM;
-    # compiled regions go shape-generic after one recompile (buckets)
-    speed.optimize_for_training(c.unet, compile=False, fused_qkv=True)
-    if t_cfg.compile:
-        fam.compile_regions(c.unet, dynamic=None)
+    make_fast(cfg, c)
     text_encoder = None if s.cache_text else fam.text_encoder(c, cfg.data.max_tokens)
     log(trainable.describe())
     model, synced = data_parallel(s, trainable, text_encoder, w, fsdp, log)
 
     # -- optimizer (one param group per part, each with its LR), sampler, resume -----------
-    o_cfg = cfg.optim
     opt = trainable.build_optimizer(device)
     sampler, total, per_epoch = step_budget(cfg, s, w.size)
     log(opt.describe())
@@ -203,35 +246,15 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
                   "noise": torch.Generator(device).manual_seed(t_cfg.seed + 2)}  # timesteps, noise, latents
     step, history, elapsed0 = 0, [], 0.0
     if resumed is not None:
-        meta, tensors = resumed
-        if meta["step"] >= total:  # a budget from train.epochs
-            raise ConfigError(f"--resume {resume_dir}: the state is at step {meta['step']} and this run stops at step "
-                              f"{total}: nothing to train; raise train.max_steps or train.epochs")  # fmt: skip
-        restore(resume_dir, meta, tensors, trainable, opt, generators)
-        if not distributed.restore_sampler(sampler, meta["sampler"]):
-            log(f"resume: global batch {meta['sampler']['global_batch']} → {sampler.batch_size}, "
-                "continuing at the same epoch and sample count (not the same batches)")  # fmt: skip
-        step, history, elapsed0 = meta["step"], meta["history"], meta["elapsed"]
-        log(f"resumed from {resume_dir} at step {step}")
+        step, history, elapsed0 = resume(resumed, resume_dir, total, trainable, opt, sampler, generators, log)
     if w.rank:  # LoRA dropout masks differ per rank (global torch RNG); data / noise generators do not
         torch.manual_seed((t_cfg.seed * 1_000_003 + w.rank * 65_537 + step) % (1 << 63))
     batches = Batches(s, sampler, generators["data"], generators["noise"], w, text_encoder, cfg.trains_text_encoders)
-    params = trainable.parameters()
-    train_step = TrainStep(fam, model, params, opt.optimizer, prediction=prediction, grad_accum=t_cfg.grad_accum,
-                           max_grad_norm=t_cfg.max_grad_norm, min_snr_gamma=t_cfg.min_snr_gamma,
-                           noise_offset=t_cfg.noise_offset, max_nonfinite=t_cfg.max_nonfinite,
-                           cuda_graph=t_cfg.cuda_graph, synced=synced, fsdp=fsdp, world=w, device=device,
-                           objective=Objective.from_config(t_cfg))  # fmt: skip
+    train_step = TrainStep.from_config(t_cfg, fam, model, trainable.parameters(), opt.optimizer, prediction, synced=synced,
+                                       fsdp=fsdp, world=w, device=device)  # fmt: skip
 
     # -- the loop -------------------------------------------------------------------------
-    run_id = ""
-    if w.main:  # the folder becomes this run's: a replaced run's files move to .replaced/<run id>/
-        run_id = runs.claim(out, kind, runs.config_hash(cfg), overwrite=cfg.save.overwrite, resume=resume_dir,
-                            name=cfg.save.name).run_id  # fmt: skip
-        for stale in remove_temp_files(out) + remove_temp_files(out / "state"):
-            log(f"removed {stale}, a partial write of a killed run")
-        write_text(out / "config.toml", runs.saved_config(cfg).to_toml())  # without overwrite / resume
-        s.dataset.report.write(out / "dataset_report.txt")  # every skipped / ignored file and why
+    run_id = claim_folder(cfg, s, kind, resume_dir, log) if w.main else ""
     t_start = time.perf_counter() - elapsed0
     log(f"training {total} steps (batch {t_cfg.batch_size} × {w.size} processes × accumulation {t_cfg.grad_accum}"
         f" = global batch {t_cfg.batch_size * w.size * t_cfg.grad_accum}, {per_epoch} steps per epoch) → {out}")

@@ -18,7 +18,7 @@ from eridiffusion import checkpoint, faults, fp8, speed
 from eridiffusion.config import TrainConfig
 from eridiffusion.data.cache import TensorCache, latent_settings, make_key, text_settings
 from eridiffusion.data.dataset import ImageDataset, build_datasets, downsample_mask
-from eridiffusion.devices import DTYPES, resolve_device
+from eridiffusion.devices import resolve_device
 from eridiffusion.models.tokenizer import CLIPTokenizer
 from eridiffusion.errors import ConfigError
 from eridiffusion.weights import PickleRefused

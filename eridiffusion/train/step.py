@@ -84,6 +84,14 @@ class TrainStep:
     gradients then stay the same tensors and are cleared, never dropped.
     """
 
+    @classmethod
+    def from_config(cls, t, family: Family, model: nn.Module, params, optimizer, prediction: str, **kwargs) -> TrainStep:
+        """The step `[train]` (`t`) asks for; `kwargs`: synced, fsdp, world, device."""
+        return cls(family, model, params, optimizer, prediction=prediction, grad_accum=t.grad_accum,
+                   max_grad_norm=t.max_grad_norm, min_snr_gamma=t.min_snr_gamma, noise_offset=t.noise_offset,
+                   max_nonfinite=t.max_nonfinite, cuda_graph=t.cuda_graph, objective=Objective.from_config(t),
+                   **kwargs)  # fmt: skip
+
     def __init__(self, family: Family, model: nn.Module, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
                  *, prediction: str, grad_accum: int = 1, max_grad_norm: float = 0.0, min_snr_gamma: float = 0.0,
                  noise_offset: float = 0.0, max_nonfinite: int = 0, cuda_graph: bool = False, synced=(),

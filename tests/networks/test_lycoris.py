@@ -9,7 +9,6 @@ ComfyUI's rule is re-implemented here from comfyanonymous/ComfyUI `comfy/weight_
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

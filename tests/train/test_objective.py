@@ -11,7 +11,6 @@ diffusers (test-only) gives the zero-terminal-SNR betas, the trailing schedules 
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
