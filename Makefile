@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test install install-test chromium clean
+.PHONY: demo test test-fast install install-test chromium clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,10 @@ demo: install
 
 test: install-test
 	$(BIN)/python -m pytest -q
+
+# A quicker lane while working: the tests marked slow (> ~20 s each) left out. `make test` runs them all.
+test-fast: install-test
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
