@@ -68,5 +68,7 @@ def test_stop_saves_the_state_and_resume_continues_exactly(client, demo_root, on
     assert [s for s, _ in _losses(folder)] == list(range(1, STEPS + 1))
     ours, theirs = load_file(folder / "lora.safetensors"), load_file(reference / "lora.safetensors")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    assert client.post("/api/train/resume", json={"dir": "runs/stopped"}).status_code == 200  # at the end: exits at once
-    assert _wait(client)["exit_code"] == 0
+    # resuming a finished run: one line saying there is nothing to train (issue 20), exit 2
+    assert client.post("/api/train/resume", json={"dir": "runs/stopped"}).status_code == 200
+    assert _wait(client)["exit_code"] == 2
+    assert "nothing to train" in (folder / "ui-train.log").read_text().splitlines()[-1]
