@@ -143,15 +143,23 @@ class Optim:
     @contextlib.contextmanager
     def eval_mode(self):
         """Around previews and saving: an optimizer with separate evaluation weights (schedule-free:
-        `optimizer.eval()` / `.train()`) switches to them; others do nothing."""
-        switch = _switches(self.optimizer)
-        if switch:
-            self.optimizer.eval()
+        `optimizer.eval()` / `.train()`) switches to them and back; others do nothing. The training
+        weights come back bit for bit: `.train()` recomputes them from the evaluation weights with
+        rounding, so a save or preview would otherwise change the run (and a resume from a state
+        saved there would not repeat the uninterrupted run)."""
+        if not _switches(self.optimizer):
+            yield
+            return
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        kept = [_copy(p) for p in params]
+        self.optimizer.eval()
         try:
             yield
         finally:
-            if switch:
-                self.optimizer.train()
+            self.optimizer.train()
+            with torch.no_grad():
+                for p, k in zip(params, kept):
+                    p.copy_(k)
 
     def warmup(self, total: int) -> int:
         return self.cfg.warmup_steps or round(self.cfg.warmup_ratio * total)
@@ -175,6 +183,12 @@ class Optim:
         args = "".join(f", {k}={v}" for k, v in self.cfg.args.items())
         notes = f" ({self.spec.notes})" if self.spec.notes else ""
         return f"optimizer: {self.spec.name}{notes}, lr {lrs}{args}"
+
+
+def _copy(p: torch.Tensor) -> torch.Tensor:
+    """A copy of a weight, in host memory where it is a plain tensor (a DTensor stays where it is)."""
+    t = p.detach()
+    return t.to("cpu", copy=True) if type(t) is torch.Tensor else t.clone()
 
 
 def _switches(optimizer) -> bool:

@@ -60,3 +60,42 @@ def kept_bytes():
     """`kept_bytes(fn, *args, exclude=()) -> (output, bytes kept for backward)` (tests/test_ops.py,
     tests/test_speed_gpu.py)."""
     return _kept_bytes
+
+
+def _eval_loss(result, root, multiplier: float, resolution: int = 128) -> float:
+    """Plain MSE of a training result's UNet (its adapters at `multiplier`; 0 = the base model) on
+    a fixed batch: every square latent of `resolution`² in `root/cache`, fixed noise and timesteps."""
+    from safetensors.torch import load_file
+
+    from eridiffusion import diffusion
+    from eridiffusion.families import FAMILIES
+    from eridiffusion.train import diffusion_loss
+
+    unet, networks = result.components.unet, result.networks
+    entries = [load_file(p) for p in sorted((root / "cache" / "latent").rglob("*.safetensors"))]
+    entries = [e for e in entries if e["mean"].shape[-2:] == (resolution // 8, resolution // 8)]
+    texts = [load_file(p) for p in sorted((root / "cache" / "text").rglob("*.safetensors"))]
+    dev = next(unet.parameters()).device
+    x0 = torch.stack([e["mean"] for e in entries]).to(dev)
+    time_ids = torch.stack([e["time_ids"] for e in entries]).to(dev)
+    cond = {k: torch.stack([texts[i % len(texts)][k] for i in range(len(entries))]).to(dev) for k in texts[0]}
+    g = torch.Generator().manual_seed(1234)
+    t = torch.linspace(20, 980, len(entries)).long().to(dev)
+    noise = torch.randn(x0.shape, generator=g).to(dev)
+    ac = diffusion.alphas_cumprod(diffusion.scaled_linear_betas()).to(dev)
+    for net in networks.values():
+        net.set_multiplier(multiplier)
+    unet.eval()
+    with torch.no_grad():
+        loss = diffusion_loss(FAMILIES["sdxl-tiny"], unet, x0, cond, time_ids, t, noise, ac, "epsilon").item()
+    for net in networks.values():
+        net.set_multiplier(1.0)
+    return loss
+
+
+@pytest.fixture
+def eval_loss():
+    """`eval_loss(result, root, multiplier, resolution=128) -> float`: a `train()` result's loss on
+    the fixed batch of its cache (tests/test_train.py, tests/test_optim_training.py,
+    tests/train/test_adapters.py)."""
+    return _eval_loss

@@ -84,14 +84,15 @@ SLOW = {"adamw8bit", "adamw4bit"}  # torchao compiles its step per parameter sha
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES])
 def test_state_round_trips_bit_exactly(name, tmp_path):
-    """3 steps, save (in eval mode, as the trainer does), load into a fresh optimizer, 3 more steps:
+    """3 steps, save (after an eval-mode switch, as the trainer does), load into a fresh optimizer, 3 more steps:
     the same weights as 6 uninterrupted steps, and the same state (8-bit codes included)."""
     o = CASES[name]
     ref_params, ref = _build(o)
     _steps(ref_params, ref, 0, 3)
-    with ref.eval_mode():  # the trainer saves here; schedule-free switches to x and back
-        saved = _through_files(tmp_path, optim.state_dict(ref.optimizer))  # written now: steps change it in place
-        weights = [p.detach().clone() for p in ref_params]
+    with ref.eval_mode():  # the trainer writes the weights file here (schedule-free: x), then the state
+        pass
+    saved = _through_files(tmp_path, optim.state_dict(ref.optimizer))  # written now: steps change it in place
+    weights = [p.detach().clone() for p in ref_params]
     _steps(ref_params, ref, 3, 3)
 
     params, fresh = _build(o, seed=1)
@@ -235,3 +236,15 @@ def test_adafactor_picks_the_transformers_rule_from_its_arguments():
     assert type(optim.build(_cfg(optimizer="adafactor"), groups, cpu).optimizer) is torch.optim.Adafactor
     kohya = optim.build(_cfg(**CASES["adafactor-kohya"]), groups, cpu)
     assert type(kohya.optimizer) is Adafactor and kohya.optimizer.param_groups[0]["relative_step"] is False
+
+
+def test_eval_mode_gives_the_training_weights_back_bit_for_bit():
+    """schedule-free's `.train()` recomputes y from x with rounding: a save (or preview) in eval mode
+    must not change the run it interrupts (tests/test_optim_training.py resumes through the trainer)."""
+    params, opt = _build(CASES["schedulefree_adamw"])
+    _steps(params, opt, 0, 3)
+    before = [p.detach().clone() for p in params]
+    with opt.eval_mode():
+        assert not all(torch.equal(p, b) for p, b in zip(params, before))  # the evaluation weights x
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    assert opt.optimizer.param_groups[0]["train_mode"]

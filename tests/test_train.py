@@ -52,31 +52,6 @@ def reference(root):
     return result
 
 
-def _eval_loss(unet, root, multiplier, networks):
-    """Plain MSE on a fixed batch: every cached 128×128 latent, fixed noise and timesteps."""
-    from safetensors.torch import load_file
-
-    entries = [load_file(p) for p in sorted((root / "cache" / "latent").rglob("*.safetensors"))]
-    entries = [e for e in entries if e["mean"].shape[-1] == 16]
-    texts = [load_file(p) for p in sorted((root / "cache" / "text").rglob("*.safetensors"))]
-    dev = next(unet.parameters()).device
-    x0 = torch.stack([e["mean"] for e in entries]).to(dev)
-    time_ids = torch.stack([e["time_ids"] for e in entries]).to(dev)
-    cond = {k: torch.stack([texts[i % len(texts)][k] for i in range(len(entries))]).to(dev) for k in texts[0]}
-    g = torch.Generator().manual_seed(1234)
-    t = torch.linspace(20, 980, len(entries)).long().to(dev)
-    noise = torch.randn(x0.shape, generator=g).to(dev)
-    ac = diffusion.alphas_cumprod(diffusion.scaled_linear_betas()).to(dev)
-    for net in networks.values():
-        net.set_multiplier(multiplier)
-    unet.eval()
-    with torch.no_grad():
-        loss = diffusion_loss(FAMILIES["sdxl-tiny"], unet, x0, cond, time_ids, t, noise, ac, "epsilon").item()
-    for net in networks.values():
-        net.set_multiplier(1.0)
-    return loss
-
-
 def test_lr_schedule():
     assert [lr_factor(s, 10, 4, "constant") for s in (0, 3, 4, 9)] == [0.2, 0.8, 1.0, 1.0]
     assert lr_factor(4, 10, 4, "linear") == 1.0 and lr_factor(7, 10, 4, "linear") == 0.5
@@ -84,10 +59,9 @@ def test_lr_schedule():
     assert lr_factor(10, 10, 0, "cosine") == pytest.approx(0.0, abs=1e-12)
 
 
-def test_training_lowers_a_fixed_evaluation_loss(root, reference):
-    unet = reference.components.unet
-    before = _eval_loss(unet, root, 0.0, reference.networks)  # multiplier 0 = the base model
-    after = _eval_loss(unet, root, 1.0, reference.networks)
+def test_training_lowers_a_fixed_evaluation_loss(root, reference, eval_loss):
+    before = eval_loss(reference, root, 0.0)  # multiplier 0 = the base model
+    after = eval_loss(reference, root, 1.0)
     print(f"eval loss before {before:.4f}, after {after:.4f}, ratio {after / before:.3f}")
     assert after < 0.8 * before
     assert len(reference.losses) == STEPS and all(map(torch.isfinite, torch.tensor(reference.losses)))
@@ -181,10 +155,13 @@ def test_sd15_and_text_encoder_training(tmp_path):
 
 
 def test_eri_demo_smoke(tmp_path, capsys):
+    """The whole `eri demo` path on the shipped shapes model, 4 steps (tests/tiny checks the scores)."""
     assert main(["demo", "--dir", str(tmp_path / "demo"), "--steps", "4"]) == 0
     out = capsys.readouterr().out
     assert "LoRA written to" in out
-    for name in ("lora.safetensors", "loss.csv", "loss.png", "tiny_sdxl.safetensors", "config.toml"):
+    assert 'demo: concept "a star": ' in out and " before → " in out and "; controls: " in out
+    for name in ("lora.safetensors", "loss.csv", "loss.png", "config.toml", "demo.json", "samples/before.png",
+                 "samples/after.png", "data/concept/shape_000.png", "data/prior/shape_000.txt"):
         assert (tmp_path / "demo" / name).is_file(), name
     assert main(["train", str(tmp_path / "nope.toml")]) == 2
     assert "nope.toml: config file not found" in capsys.readouterr().err
@@ -289,7 +266,7 @@ def test_a_lost_cache_entry_is_one_line(tmp_path, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_cuda_bf16_with_checkpointing(tmp_path):
+def test_cuda_bf16_with_checkpointing(tmp_path, eval_loss):
     """bf16 frozen weights, fp32 LoRA, fused AdamW, gradient checkpointing, CUDA generators."""
     prepare(tmp_path, n_images=4, log=lambda s: None)
     cfg = demo_config(tmp_path, 60).replace(
@@ -302,8 +279,8 @@ def test_cuda_bf16_with_checkpointing(tmp_path):
     assert next(unet.parameters()).dtype == torch.bfloat16 and unet.gradient_checkpointing
     assert all(p.dtype == torch.float32 and p.is_cuda for p in result.networks["unet"].lora_parameters())
     assert all(0 < v < 10 for v in result.losses)
-    before = _eval_loss(unet, tmp_path, 0.0, result.networks)  # the base model
-    after = _eval_loss(unet, tmp_path, 1.0, result.networks)
+    before = eval_loss(result, tmp_path, 0.0)  # the base model
+    after = eval_loss(result, tmp_path, 1.0)
     print(f"CUDA bf16: eval loss before {before:.4f}, after {after:.4f}; losses {result.losses}")
     assert after < 0.9 * before
     resumed = train(cfg.replace(train={"resume": True, "max_steps": 65}), progress=False, log=lambda s: None)
