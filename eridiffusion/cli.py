@@ -267,18 +267,15 @@ def cache(args: argparse.Namespace) -> int:
     "demo",
     "teach the shipped tiny shapes model a new shape (a star) with a LoRA on CPU, scored before and after",
     arg("--dir", default="runs/demo", help="output folder (default runs/demo)"),
-    arg("--steps", type=int, default=120, help="training steps (default 120)"),
+    arg("--steps", type=int, default=None, help="training steps (default: the demo recipe's, eridiffusion/tiny/demo.py)"),
     arg("--overwrite", action="store_true", help="use --dir even if it holds files that are not a demo run's"),
 )
 def demo(args: argparse.Namespace) -> int:
     from eridiffusion.tiny import demo as tiny_demo
 
     tiny_demo.check_folder(args.dir, args.overwrite)
-    result, before, after = tiny_demo.run_demo(args.dir, args.steps)
-    (concept, _), *controls = tiny_demo.PROMPTS
-    ctl = ", ".join(f"{p!r} {before.by_prompt[p]:.0%} → {after.by_prompt[p]:.0%}" for p, _ in controls)
-    print(f"demo: concept score ({concept!r} drawn as a {tiny_demo.CONCEPT}) {before.concept:.0%} before → "
-          f"{after.concept:.0%} after; controls {ctl}")  # fmt: skip
+    result, before, after = tiny_demo.run_demo(args.dir, args.steps or tiny_demo.STEPS)
+    print(tiny_demo.summary(before, after))
     print(f"demo: {before.grid}, {after.grid}, {result.output_dir / 'loss.png'}; LoRA {result.lora_path}")
     return 0
 

@@ -2,14 +2,31 @@
 
 The base model (`weights/tiny_shapes.safetensors`, family `sdxl-micro`, trained by
 `tools/train_tiny.py`) draws circles, squares, triangles and diamonds; stars were held out.
-The demo draws `N_IMAGES` captioned stars with `tiny.shapes`, trains a LoRA on them through the
-ordinary trainer (`train(cfg)`), and renders the concept prompt and two control prompts with
-the same seeds before and after. `tiny.detect` scores every image: the concept score is the
-share of concept-prompt images showing a star; a control's score the share showing its shape.
+The demo draws `N_IMAGES` captioned stars with `tiny.shapes` and, as prior-preservation
+images, the same boxes and colours as each star in every base shape ("a red circle on a blue
+background" beside "a red star on a blue background"): only the shape word and the shape differ,
+so the LoRA has to tie any change to the word "star" rather than turn every shape into one.
+It trains through the ordinary trainer (`train(cfg)`) and renders the concept prompt and two
+control prompts with the same seeds before and after. `tiny.detect` scores every image: the
+concept score is the share of concept-prompt images showing a star; a control's score the
+share showing its shape.
+
+Measured (8 seeds per prompt): the controls keep their before-scores (circle, square 100% →
+100%), the star score stays 0% → 0% (issue 16 wants >= 70%): the star prompt still draws mostly
+circles. Without the prior images the LoRA turned the controls into star-like blobs (circle
+100% → 25%) and still drew no detectable star. Tried without reaching the concept: LR 2e-3 to
+1e-2 (1e-2 breaks every prompt), 120–600 steps, cross-attention-only targets (to_k/to_v; with
+CFG 5 they broke the controls), LoCon, min-SNR 5, `train.min_timestep` 500/700 (the shape is
+decided at high noise, where the epsilon loss of a new shape is ~100x smaller than at t = 200
+and barely fell: 0.0106 → 0.0090 at t = 800), random instead of paired prior images, is_reg
+subsets. The VAE does reconstruct stars (14 of 16 detected), so the UNet is the limit.
+Caption dropout is off: the trainer drops to the encoded "", while the base model's
+unconditional input is all-zero. Offset noise 0.15 as the base model was trained with.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -37,17 +54,29 @@ N_IMAGES = 12
 MARKER = "demo.json"  # what says a folder is a demo run's
 
 
-def concept_config(root: str | os.PathLike = "runs/demo", steps: int = 120) -> TrainConfig:
-    """The concept LoRA: rank-8 LoRA on the UNet's attention/feed-forward layers, batch 4 at 128², CPU."""
+STAR_REPEATS = 4  # the concept images' repeats: 12 · 4 stars beside 48 prior images per epoch
+RECIPE = {  # the LoRA recipe (measured on the 2-core CPU: see the README's demo paragraph)
+    "lora": {"rank": 8, "alpha": 8.0, "conv_rank": 8, "conv_alpha": 8.0},
+    "optim": {"unet_lr": 3e-3, "weight_decay": 0.0, "schedule": "cosine", "warmup_steps": 20},
+    "train": {"batch_size": 4, "seed": 0, "device": "cpu", "noise_offset": 0.15, "min_timestep": 500},
+}
+STEPS = 400
+
+
+def concept_config(root: str | os.PathLike = "runs/demo", steps: int = STEPS) -> TrainConfig:
+    """The concept LoRA: `RECIPE` on `root/data/concept` (repeated) + `root/data/prior`, 128², CPU."""
     root = Path(root)
+    r = RECIPE
     return TrainConfig.from_dict(
         {
             "model": {"path": str(WEIGHTS), "dtype": "fp32"},
-            "data": {"dir": str(root / "data"), "resolution": 128, "bucket_step": 32, "bucket_min": 64,
-                     "bucket_max": 256, "caption_dropout": 0.1, "flip": True},
-            "lora": {"rank": 8, "alpha": 8.0},
-            "optim": {"unet_lr": 2e-3, "weight_decay": 0.0, "schedule": "cosine", "warmup_steps": 5},
-            "train": {"batch_size": 4, "max_steps": steps, "seed": 0, "device": "cpu"},
+            "data": {"resolution": 128, "bucket_step": 32, "bucket_min": 64, "bucket_max": 256,
+                     "caption_dropout": 0.0, "flip": True,
+                     "subsets": [{"dir": str(root / "data" / "concept"), "repeats": STAR_REPEATS},
+                                 {"dir": str(root / "data" / "prior")}]},
+            "lora": dict(r["lora"]),
+            "optim": dict(r["optim"]),
+            "train": {**r["train"], "max_steps": steps},
             "save": {"output_dir": str(root), "every_n_steps": steps, "name": "lora"},
             "log": {"every": 10, "tensorboard": False},
             "sample": {"prompts": [PROMPTS[0][0]], "seeds": list(GRID_SEEDS), "every_n_steps": steps,
@@ -68,13 +97,21 @@ def check_folder(root: str | os.PathLike, overwrite: bool = False) -> None:
 
 
 def prepare_concept(root: str | os.PathLike = "runs/demo", n_images: int = N_IMAGES, seed: int = 0, log=print) -> list[str]:
-    """Mark `root` as a demo folder and draw the concept images + captions into `root/data`."""
+    """Mark `root` as a demo folder; draw the concept images + captions into `root/data/concept`
+    and, into `root/data/prior`, each concept image's box and colours in every base shape."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / MARKER).write_text(json.dumps({"kind": "demo", "model": WEIGHTS.name, "concept": CONCEPT}) + "\n")
+    for sub in ("concept", "prior"):  # an earlier demo's images (another n_images) must not stay
+        for old in (root / "data" / sub).glob("shape_*.*"):
+            old.unlink()
     specs = shapes.random_specs(n_images, random.Random(seed), shapes=(CONCEPT,))
-    captions = shapes.write_images(root / "data", specs)
-    log(f"wrote {len(captions)} captioned images of the new concept to {root / 'data'} (e.g. {captions[0]!r})")
+    captions = shapes.write_images(root / "data" / "concept", specs)
+    prior = [dataclasses.replace(s, shape=b) for s in specs for b in shapes.BASE_SHAPES]
+    shapes.write_images(root / "data" / "prior", prior)
+    log(f"wrote {len(captions)} captioned images of the new concept to {root / 'data' / 'concept'} "
+        f"(e.g. {captions[0]!r}) and {len(prior)} of the base shapes in the same places and colours "
+        f"to {root / 'data' / 'prior'} (prior preservation)")  # fmt: skip
     return captions
 
 
@@ -106,7 +143,17 @@ def render_and_score(model: str | os.PathLike, path: Path, loras=()) -> Scores:
     return Scores(scores, path)
 
 
-def run_demo(root: str | os.PathLike = "runs/demo", steps: int = 120, log=print, progress: bool = True):
+def summary(before: Scores, after: Scores) -> str:
+    """The demo's one line: concept and control scores, before → after, over SCORE_SEEDS."""
+    controls = [(p, shape) for p, shape in PROMPTS[1:]]
+    b = ", ".join(f"{shape} {before.by_prompt[p]:.0%}" for p, shape in controls)
+    a = ", ".join(f"{shape} {after.by_prompt[p]:.0%}" for p, shape in controls)
+    return (f'demo: concept "a {CONCEPT}": {before.concept:.0%} before → {after.concept:.0%} after; '
+            f"controls: {b} before → {a} after ({len(SCORE_SEEDS)} seeds per prompt; prompts: "
+            + "; ".join(repr(p) for p, _ in PROMPTS) + ")")
+
+
+def run_demo(root: str | os.PathLike = "runs/demo", steps: int = STEPS, log=print, progress: bool = True):
     """Score the base model, train the concept LoRA, score again. Returns (TrainResult, before, after)."""
     from eridiffusion.train import train
 
