@@ -44,6 +44,7 @@ CASES = {
     # torch's Adafactor scales its step by max(1e-3, RMS(weight)), and the LoRA up matrices start at
     # zero: its documented LR 1e-2 barely moves them (1.00 after 100 steps). 0.62 (0.3: 0.24)
     "adafactor": {"optimizer": "adafactor", "unet_lr": 0.1},
+    # kohya's recipe: transformers' rule at a fixed LR. 0.53
     "adafactor_kohya": {"optimizer": "adafactor", "unet_lr": 1e-3, "schedule": "constant", "args": KOHYA_ADAFACTOR},
     # Lion's sign steps: half AdamW's LR here (1/3, 6e-4: 0.81; 3e-4: 0.94 in 100 steps). 0.64
     "lion": {"optimizer": "lion", "unet_lr": 1e-3},
