@@ -11,6 +11,16 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, request):
+    """The tiny demo model and `DEMO_IMAGES` (module constant, default 8) captioned images, once per module."""
+    from eridiffusion.tiny import prepare
+
+    root = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    prepare(root, n_images=getattr(request.module, "DEMO_IMAGES", 8), log=lambda s: None)
+    return root
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -24,9 +24,10 @@ from safetensors.torch import load_file
 
 from eridiffusion import distributed
 from eridiffusion.data.buckets import BucketBatchSampler
-from eridiffusion.tiny import demo_config, prepare
+from eridiffusion.tiny import demo_config
 from eridiffusion.train import train
 
+DEMO_IMAGES = 11  # the `root` fixture's dataset (tests/conftest.py): buckets of 6 (square) and 5 (3:2) images
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 6
 TOL = 1e-7  # measured max |Δ| of the LoRA weights (up to 0.1) between 1 and 2 processes: 9e-9
@@ -68,13 +69,6 @@ def _spawn(cfgs: list, stop_after: int | None = None) -> None:
 def _max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
-    prepare(root, n_images=11, log=lambda s: None)  # buckets of 6 (square) and 5 (3:2) images
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from eridiffusion.tiny import demo_config, prepare
+from eridiffusion.tiny import demo_config
 from eridiffusion.train import train
 
+DEMO_IMAGES = 11  # the `root` fixture's dataset (tests/conftest.py): buckets of 6 (square) and 5 (3:2) images
 REPO = Path(__file__).resolve().parent.parent
 TOL = 1e-7  # as tests/test_distributed.py: 1 vs 2 processes with the same global batch, SGD
 
@@ -62,13 +63,6 @@ def _cfg(root: Path, out: str, batch: int, steps: int = 6, **train_over):
 
 def _env(**extra) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist_faults")
-    prepare(root, n_images=11, log=lambda s: None)
-    return root
 
 
 @pytest.mark.parametrize("kind, code, message", [

@@ -8,10 +8,11 @@ from torch import nn
 from eridiffusion import fp8, ops
 from eridiffusion.config import ConfigError
 from eridiffusion.fp8 import Float8Weight
-from eridiffusion.tiny import demo_config, prepare
+from eridiffusion.tiny import demo_config
 from eridiffusion.train import train
 
 
+DEMO_IMAGES = 4  # the `root` fixture's dataset (tests/conftest.py)
 def _rounded(layer: nn.Module, dtype) -> nn.Module:
     """The bf16 reference: the same layer with its weight rounded through float8."""
     ref = type(layer)(*_dims(layer)).to(torch.bfloat16)
@@ -54,13 +55,6 @@ def test_fp8_refused_where_float8_cannot_be_cast():
     fp8.check_device("fp8", torch.device("cpu"))
     with pytest.raises(ConfigError, match="model.dtype = 'fp8' needs float8 tensors, which mps lacks"):
         fp8.check_device("fp8", torch.device("mps"))
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fp8")
-    prepare(root, n_images=4, log=lambda s: None)
-    return root
 
 
 @pytest.mark.slow

@@ -20,10 +20,11 @@ import math
 import pytest
 import torch
 
-from eridiffusion.tiny import demo_config, prepare
+from eridiffusion.tiny import demo_config
 from eridiffusion.train import train
 
 STEPS, STOP = 100, 50
+DEMO_IMAGES = 4  # the `root` fixture's dataset (tests/conftest.py)
 RESOLUTION = 64
 ONE_LR = {"unet_lr": 1.0, "text_encoder_lr": 1.0}  # Prodigy: the LR multiplies its own estimate d
 KOHYA_ADAFACTOR = {"scale_parameter": False, "relative_step": False, "warmup_init": False}
@@ -51,13 +52,6 @@ CASES = {
     "schedulefree_adamw": {"optimizer": "schedulefree_adamw", "schedule": "constant"},  # 0.45
     "came": {"optimizer": "came", "unet_lr": 2e-4},  # 0.34
 }
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("optim_training")
-    prepare(root, n_images=4, log=lambda s: None)
-    return root
 
 
 def _cfg(root, out, optim):

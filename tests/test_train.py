@@ -30,13 +30,6 @@ from eridiffusion.train import build_cache, diffusion_loss, load_state, lr_facto
 STEPS = 100
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("run")
-    prepare(root, n_images=8, log=lambda s: None)
-    return root
-
-
 def _cfg(root, out, steps=STEPS, **sections):
     cfg = demo_config(root, steps)
     sections.setdefault("save", {})

@@ -11,23 +11,17 @@ from safetensors.torch import load_file
 from eridiffusion import diffusion, networks
 from eridiffusion.config import ConfigError
 from eridiffusion.families import FAMILIES
-from eridiffusion.tiny import demo_config, prepare
+from eridiffusion.tiny import demo_config
 from eridiffusion.train import diffusion_loss, train
 from eridiffusion.train.trainable import Adapters
 
+DEMO_IMAGES = 4  # the `root` fixture's dataset (tests/conftest.py)
 STEPS = 100
 TYPES = {  # [lora] settings of each adapter type
     "loha": {"type": "loha", "rank": 4, "alpha": 4.0},
     "lokr": {"type": "lokr", "rank": 4, "alpha": 4.0, "factor": 4},
     "dora": {"type": "lora", "dora": True, "rank": 4, "alpha": 4.0},
 }
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    prepare(root, n_images=4, log=lambda s: None)
-    return root
 
 
 def _cfg(root, out, steps=STEPS, lora=None, **sections):

@@ -15,20 +15,14 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from eridiffusion import checkpoint, diffusion
 from eridiffusion.config import ConfigError, TrainConfig
 from eridiffusion.families import FAMILIES
-from eridiffusion.tiny import demo_config, prepare
+from eridiffusion.tiny import demo_config
 from eridiffusion.train import diffusion_loss, train
 from eridiffusion.train.finetune import EMA
 from eridiffusion.train.run import check_cuda_graph
 
 STEPS, EVERY, DECAY = 24, 2, 0.9
+DEMO_IMAGES = 4  # the `root` fixture's dataset (tests/conftest.py)
 QUIET = {"progress": False, "log": lambda s: None}
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("finetune")
-    prepare(root, n_images=4, log=lambda s: None)
-    return root
 
 
 def _cfg(root, out, steps=STEPS, **sections):

@@ -17,7 +17,7 @@ from safetensors import safe_open
 
 from eridiffusion.config import ConfigError
 from eridiffusion.data.dataset import build_datasets
-from eridiffusion.tiny import demo_config, prepare
+from eridiffusion.tiny import demo_config
 from eridiffusion.train import train
 from eridiffusion.config import TrainConfig
 from eridiffusion.train.metadata import dataset_metadata
@@ -25,13 +25,6 @@ from eridiffusion.train.previews import Previews
 from eridiffusion.train.validation import split_validation, validation_timesteps
 
 STEPS = 8
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("periodic")
-    prepare(root, n_images=8, log=lambda s: None)
-    return root
 
 
 def _cfg(root, out, previews=True, **sections):
