@@ -23,11 +23,17 @@ from eridiffusion.config import TrainConfig
 from eridiffusion.devices import DTYPES
 
 
+def conv_rank_alpha(lo) -> tuple[int | None, float | None]:
+    """`[lora]`'s LoCon rank and alpha: (None, None) without `conv_rank`; `conv_alpha` 0 means the rank."""
+    if not lo.conv_rank:
+        return None, None
+    return lo.conv_rank, lo.conv_alpha or lo.conv_rank
+
+
 def inject_adapters(cfg: TrainConfig, c: Components) -> dict:
     """Adapters on the denoiser and (lora.train_text_encoder) the family's text encoders, by kohya kind."""
     lo, fam = cfg.lora, c.family
-    conv_rank = lo.conv_rank or None
-    conv_alpha = (lo.conv_alpha or lo.conv_rank) if lo.conv_rank else None
+    conv_rank, conv_alpha = conv_rank_alpha(lo)
     nets = {}
     for kind, part in fam.lora_parts.items():
         is_unet = part == "unet"
@@ -95,11 +101,11 @@ class Adapters:
 
     def save(self, path: Path, step: int, epoch: int, num_images: int, prediction: str) -> None:
         cfg, lo = self.cfg, self.cfg.lora
-        conv_rank = lo.conv_rank or None
+        conv_rank, conv_alpha = conv_rank_alpha(lo)
         meta = networks.lora_metadata(
             self.family, rank=lo.rank, alpha=lo.alpha, steps=step, epoch=epoch, resolution=cfg.data.resolution,
-            num_images=num_images, title=cfg.save.name, conv_rank=conv_rank,
-            conv_alpha=(lo.conv_alpha or lo.conv_rank) if conv_rank else None, prediction_type=prediction,
+            num_images=num_images, title=cfg.save.name, conv_rank=conv_rank, conv_alpha=conv_alpha,
+            prediction_type=prediction,
             algo=lo.type, dora=lo.dora, options=adapter_options(lo), **self.metadata,
         )  # fmt: skip
         networks.save_lora(path, list(self.nets.values()), metadata=meta, dtype=DTYPES[cfg.save.save_dtype])
