@@ -36,6 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -265,6 +266,14 @@ def run_ours(family, device, dtype, inp: Inputs, s: Settings, rows: list[dict], 
             pipe.generate(cond, uncond, [s.seed], s.steps, s.cfg, "dpmpp_2m", False, size)
 
         emit(sample_row(impl, "total (generate, PIL)", timed(total, device, s, warmup=0), device, s), rows)
+        if device.type == "cuda":  # `eri sample --compile`: compiled UNet regions + decoder, graphs kept
+            eager_image = np.asarray(pipe.generate(cond, uncond, [s.seed], s.steps, s.cfg, "dpmpp_2m", False, size)[0])
+            pipe.compile()
+            compile_s = first_call(total, device)
+            image = np.asarray(pipe.generate(cond, uncond, [s.seed], s.steps, s.cfg, "dpmpp_2m", False, size)[0])
+            diff = int(np.abs(image.astype(np.int16) - eager_image.astype(np.int16)).max())
+            emit(sample_row(impl, "total (generate, PIL, compiled)", timed(total, device, s, warmup=0), device, s,
+                            first_call_s=compile_s, max_pixel_diff_vs_eager=diff), rows)  # fmt: skip
     out["weights"] = weights
     del pipe, comps, model, unet, vae, result, latents
     free(device)

@@ -96,6 +96,7 @@ class Pipeline:
         if loras:
             files, scales = [p for p, _ in loras], [s for _, s in loras]
             self.networks = networks.apply_lora(components, files, scales, merge=merge_loras)
+        self.graphed: speed.GraphedForward | None = None  # kept across images once compiled (`compile`)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: torch.device | str = "cpu",
@@ -110,6 +111,20 @@ class Pipeline:
         for net in self.networks.values():
             net.remove()
         self.networks = {}
+        if self.graphed is not None:  # its graphs replay the removed layers
+            self.graphed = speed.GraphedForward(self.unet)
+
+    def compile(self, backend: str = "inductor") -> Pipeline:
+        """Faster sampling of many images (`eri sample --compile`): the family's UNet regions and
+        the VAE decoder compiled (inference graphs), and on CUDA the UNet's graphs kept from one
+        image to the next instead of captured per image. The first image pays the compilation
+        (docs/benchmarks.md gives the figures); images equal the eager ones up to fused-kernel
+        rounding. Returns self."""
+        self.family.compile_regions(self.unet, dynamic=None, backend=backend)
+        speed.optimize_vae(self.vae, parts=("decoder",), backend=backend, channels_last=self.device.type == "cuda")
+        if self.device.type == "cuda":
+            self.graphed = speed.GraphedForward(self.unet)
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -185,7 +200,7 @@ class Pipeline:
             raise PipelineError(f"spacing {spacing!r} is unknown: use one of {', '.join(samplers.SPACINGS)}")
         ac = self.family.schedule(device, zero_terminal_snr=self.zero_terminal_snr)
         sigmas = samplers.sigmas_for(steps, ac, spacing=spacing, karras=karras, sampler=sampler)
-        net = speed.GraphedForward(self.unet) if device.type == "cuda" else self.unet  # no launch overhead
+        net = self.graphed or (speed.GraphedForward(self.unet) if device.type == "cuda" else self.unet)  # no launches
         denoiser = samplers.Denoiser(net, ac, self.prediction, quantize=karras and sampler == "dpmpp_2m")
         model = samplers.cfg_model(denoiser, self.unet_inputs(cond, size), self.unet_inputs(uncond, size), cfg,
                                    guidance_rescale)  # fmt: skip
@@ -385,13 +400,14 @@ def sample_files(model: str | os.PathLike, prompts: Sequence[str], out: str | os
                  loras: Sequence[tuple[str, float]] = (), device: str = "auto", dtype: str = "auto",
                  allow_pickle: bool = False, log: Callable[[str], None] = print, prediction: str | None = None,
                  zero_terminal_snr: bool = False, spacing: str | None = None, guidance_rescale: float | None = None,
-                 max_tokens: int = 75) -> list[Path]:  # fmt: skip
+                 max_tokens: int = 75, compile: bool = False) -> list[Path]:  # fmt: skip
     """`eri sample`: render `batch` images per prompt (image k seeded seed + k) into
     `out/NNNNN-SEED.png`, each alone (batch 1) so its metadata repeats it exactly.
 
     size None: 1024x1024 for SDXL, 512x512 for SD1.5. dtype "auto": bf16 on CUDA, else fp32.
     zero_terminal_snr: the rescaled schedule and v-prediction; spacing / guidance_rescale None:
     `sampling_defaults`. max_tokens: 75, 150 or 225 (75-token chunks; longer prompts are cut).
+    compile: `Pipeline.compile` (pays off from a few images on).
     """
     if max_tokens not in (75, 150, 225):
         raise PipelineError(f"--max-tokens {max_tokens} is invalid: use 75, 150 or 225")
@@ -415,6 +431,9 @@ def sample_files(model: str | os.PathLike, prompts: Sequence[str], out: str | os
                                     zero_terminal_snr=zero_terminal_snr, max_tokens=max_tokens)  # fmt: skip
     size = size or pipe.family.default_size
     pipe.check_size(size)
+    if compile:
+        log("compiling the UNet and the VAE decoder (the first image waits for it)")
+        pipe.compile()
     default_spacing, default_rescale = sampling_defaults(zero_terminal_snr)
     spacing = spacing or default_spacing
     guidance_rescale = default_rescale if guidance_rescale is None else guidance_rescale

@@ -214,6 +214,28 @@ def test_eri_sample_writes_numbered_pngs_that_reproduce(tiny_ckpt, lora_file, tm
     assert np.array_equal(pixels(again), saved)
 
 
+def test_eri_sample_compile_renders_the_eager_images(tiny_ckpt, tmp_path, monkeypatch):
+    """`--compile` compiles the UNet regions and the VAE decoder (dynamo with the eager backend
+    here: the same ops, so the same pixels) and renders what the plain call renders."""
+    compiled, original = [], Pipeline.compile
+
+    def eager_compile(self, backend="inductor"):
+        compiled.append(original(self, backend="eager"))
+        return compiled[-1]
+
+    monkeypatch.setattr(Pipeline, "compile", eager_compile)
+    base = ["sample", "--model", str(tiny_ckpt), "--prompt", "a red circle", "--batch", "2", "--steps", "3",
+            "--size", "64x32", "--device", "cpu"]  # fmt: skip
+    assert cli.main(base + ["--out", str(tmp_path / "plain")]) == 0 and not compiled
+    assert cli.main(base + ["--out", str(tmp_path / "compiled"), "--compile"]) == 0
+    (pipe,) = compiled
+    assert pipe.vae.decoder._compiled_call_impl is not None
+    assert any(getattr(m._forward, "_torchdynamo_orig_callable", None) for m in pipe.unet.modules() if hasattr(m, "_forward"))
+    for name in ("00000-0.png", "00001-1.png"):
+        with Image.open(tmp_path / "plain" / name) as a, Image.open(tmp_path / "compiled" / name) as b:
+            assert np.array_equal(pixels(a.convert("RGB")), pixels(b.convert("RGB")))
+
+
 def test_eri_sample_errors_are_one_line(tiny_ckpt, tmp_path, capsys):
     base = ["sample", "--model", str(tiny_ckpt), "--prompt", "a", "--out", str(tmp_path), "--device", "cpu"]
     assert cli.main(base + ["--size", "60x64"]) == 2
