@@ -48,6 +48,7 @@ class Case:
     inductor: tuple = ()  # (name, value) pairs of torch._inductor.config in force while the regions compile
     cudnn_benchmark: bool = True  # cuDNN autotuning (its trial workspaces count in the first step's peak)
     dynamic: bool | None = False  # torch.compile's dynamic: None is what `eri train` uses (shape-generic after a recompile)
+    fp8: bool = False  # train.fp8_matmul: the frozen transformer GEMMs in float8 (eridiffusion.fp8_matmul)
 
 
 CASES = [  # ours as `eri train` runs it (fused q/k/v); the peer runs the eager and checkpointing rows
@@ -57,6 +58,7 @@ CASES = [  # ours as `eri train` runs it (fused q/k/v); the peer runs the eager 
     Case("b4_compile", 4, compile=True, fused_qkv=True),
     Case("b4_graph", 4, compile=True, graph=True, fused_qkv=True),
     Case("b4_graph_mem0.6", 4, compile=True, graph=True, fused_qkv=True, memory_budget=0.6),
+    Case("b4_graph_fp8", 4, compile=True, graph=True, fused_qkv=True, fp8=True),
     Case("b8_eager", 8, fused_qkv=True),
     Case("b8_graph", 8, compile=True, graph=True, fused_qkv=True),
     Case("b8_checkpointing", 8, checkpointing=True, fused_qkv=True),
@@ -94,6 +96,7 @@ VARIANTS = [
          cudnn_benchmark=False),
     Case("b4_train_graph_fused", 4, compile=True, graph_backward=True, fused_qkv=True),
     Case("b4_train_graph_fused_dynamic", 4, compile=True, graph_backward=True, fused_qkv=True, dynamic=None),
+    Case("b4_train_graph_fused_fp8", 4, compile=True, graph_backward=True, fused_qkv=True, fp8=True),
     Case("b8_ckpt_graph_fused_cdt", 8, compile=True, checkpointing=True, graph=True, fused_qkv=True,
          inductor=(("coordinate_descent_tuning", True),)),
 ]
@@ -151,6 +154,10 @@ def build_ours(case: Case):
     net.to("cuda")
     unet.gradient_checkpointing = case.checkpointing
     unet.train()
+    if case.fp8:
+        from eridiffusion.fp8_matmul import enable_fp8_matmul
+
+        enable_fp8_matmul(unet)
     stages = case.compile and case.scope == "stages"
     forward = optimize_for_training(unet, compile=case.compile and not stages, channels_last=case.channels_last,
                                     mode=case.mode, fused_qkv=case.fused_qkv, dynamic=case.dynamic)
@@ -334,6 +341,25 @@ def profile_case(case: Case, path: str) -> dict:
     return summary
 
 
+def fp8_fidelity(unet) -> float:
+    """‖UNet(x) in fp8 − UNet(x) in bf16‖ / ‖UNet(x) in bf16‖ at batch 1, eager, same weights and
+    LoRA (its up weights set non-zero): the whole network's forward error from the float8 GEMMs."""
+    from eridiffusion.fp8_matmul import disable_fp8_matmul, enable_fp8_matmul
+    from eridiffusion.models.unet import sdxl_vector
+
+    for name, p in unet.named_parameters():
+        if p.requires_grad and "lora_up" in name:
+            torch.nn.init.normal_(p, std=0.01)
+    x, t, ctx, pooled, time_ids, _ = inputs(1, seed=1)
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        run = lambda: unet(x, t, ctx, sdxl_vector(pooled, time_ids).to(x.dtype)).float()  # noqa: E731
+        out8 = run()
+        disable_fp8_matmul(unet)
+        ref = run()
+        enable_fp8_matmul(unet)
+    return ((out8 - ref).norm() / ref.norm()).item()
+
+
 def run_case(impl: str, case: Case, flops_per_image: float, peak: float, warmup: int, iters: int) -> dict:
     build = build_ours if impl == "eridiffusion" else build_peer
     budget = contextlib.ExitStack()  # settings read when the regions compile, in the first step
@@ -345,12 +371,15 @@ def run_case(impl: str, case: Case, flops_per_image: float, peak: float, warmup:
            "checkpointing": case.checkpointing, "scope": case.scope, "channels_last": case.channels_last,
            "attn": case.attn, "mode": case.mode, "graph": case.graph, "graph_backward": case.graph_backward,
            "memory_budget": case.memory_budget, "fused_qkv": case.fused_qkv and impl == "eridiffusion",
-           "inductor": dict(case.inductor), "cudnn_benchmark": case.cudnn_benchmark, "dynamic": case.dynamic}
+           "inductor": dict(case.inductor), "cudnn_benchmark": case.cudnn_benchmark, "dynamic": case.dynamic,
+           "fp8": case.fp8}
     with budget:
         step, _, model, _ = build(case)
         torch.backends.cudnn.benchmark = case.cudnn_benchmark  # after build: optimize_for_training sets it
         row.update(time_step(step, case.batch, warmup, iters, case.channels_last and impl == "eridiffusion",
                              graphed=case.graph or case.graph_backward))
+        if case.fp8:
+            row["fp8_forward_rel_err"] = fp8_fidelity(model)
     torch.backends.cudnn.benchmark = True
     row["mfu"] = flops_per_image * row["img_per_s"] / (peak * 1e12)
     del step, model

@@ -178,6 +178,7 @@ class TrainSection:
     gradient_checkpointing: bool = False
     compile: bool = False  # regional torch.compile of the UNet blocks (eridiffusion/speed.py)
     cuda_graph: bool = False  # replay forward + backward from CUDA graphs (one per bucket shape)
+    fp8_matmul: bool = False  # LoRA: the frozen base's transformer GEMMs in float8 (eridiffusion/fp8_matmul.py; CUDA ≥ 8.9)
     memory_budget: float = 1.0  # with compile: share of activations the compiled regions keep (< 1 recomputes)
     max_grad_norm: float = 1.0  # 0 = no clipping
     lora_dtype: Literal["fp32", "bf16"] = "fp32"  # the trained adapter weights and their optimizer state
@@ -383,6 +384,12 @@ class TrainConfig:
             ("train.max_nonfinite", t.max_nonfinite >= 0, ">= 0 (0 = no check)"),
             ("train.ema_decay", 0.0 <= t.ema_decay < 1.0, "in [0, 1) (0 = off)"),
             ("train.ema_every_n_steps", t.ema_every_n_steps >= 1, ">= 1"),
+            ("train.fp8_matmul", not (t.fp8_matmul and t.device.split(":")[0] in ("cpu", "mps")),
+             "false on a cpu / mps device (float8 GEMMs need a CUDA GPU of compute capability 8.9 or newer, H100 / "
+             "H200): set train.fp8_matmul=false or train.device=cuda"),
+            ("train.fp8_matmul", not (t.fp8_matmul and (t.mode == "finetune" or t.fsdp)),
+             'false with train.mode = "finetune" or train.fsdp (it quantises the frozen, unsharded base of a LoRA '
+             "run): set train.fp8_matmul=false"),
             ("train.fsdp", not (t.fsdp and t.mode == "finetune"), 'false with train.mode = "finetune": FSDP2 would '
              "shard the trained weights and optimizer state, which rank 0's checkpoint and state files do not "
              "gather yet; use DDP (train.fsdp=false)"),

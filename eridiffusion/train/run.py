@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eridiffusion import distributed, faults, optim, runs, speed
+from eridiffusion import distributed, faults, fp8_matmul, optim, runs, speed
 from eridiffusion.checkpoint import Components
 from eridiffusion.config import TrainConfig
 from eridiffusion.data.buckets import BucketBatchSampler
@@ -164,6 +164,8 @@ def make_fast(cfg: TrainConfig, c: Components) -> None:
     LoRA) as one GEMM; with train.compile the family's regions, shape-generic after one recompile."""
     c.unet.gradient_checkpointing = cfg.train.gradient_checkpointing
     speed.optimize_for_training(c.unet, compile=False, fused_qkv=True)
+    if cfg.train.fp8_matmul:  # after injection: LoRA-wrapped base layers swap too; before compile
+        fp8_matmul.enable_fp8_matmul(c.unet)
     if cfg.train.compile:
         c.family.compile_regions(c.unet, dynamic=None)
 
@@ -210,6 +212,8 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     w = distributed.init(resolve_device(t_cfg.device))  # torchrun: join the group; else one process
     if t_cfg.cuda_graph:
         check_cuda_graph(cfg, w.device, w.size)
+    if t_cfg.fp8_matmul:
+        fp8_matmul.check_device(w.device)
     if not w.main:  # only rank 0 logs and writes files
         log, progress = (lambda msg: None), False
 
