@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test test-fast install install-test chromium clean
+.PHONY: demo test test-fast install install-test chromium cxx clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,8 +29,15 @@ chromium:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 		|| echo "make: chromium could not be installed; the browser test will skip"; fi
 
+# CPU inductor (tests/test_compile_cache.py compiles with it) needs a C++ compiler; installed the same way,
+# otherwise that test skips and says why.
+cxx:
+	@if ! command -v g++ >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null) \
+		|| echo "make: g++ could not be installed; the compile-cache test will skip"; fi
+
 install: $(VENV)/.installed
-install-test: $(VENV)/.installed-test chromium
+install-test: $(VENV)/.installed-test chromium cxx
 
 demo: install
 	$(BIN)/eri demo

@@ -212,6 +212,7 @@ class CacheConfig:
     latents: bool = True
     text: bool = True  # ignored (off) while the text encoder is trained
     dir: str = ""  # "" = <save.output_dir>/cache
+    compile: bool = True  # with train.compile: keep the compiled kernels in <dir>/compile for the next run
 
 
 @dataclass(frozen=True)

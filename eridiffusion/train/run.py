@@ -20,6 +20,7 @@ import torch
 
 from eridiffusion import distributed, faults, fp8_matmul, optim, runs, speed
 from eridiffusion.checkpoint import Components
+from eridiffusion.compile_cache import CompileCache
 from eridiffusion.config import TrainConfig
 from eridiffusion.data.buckets import BucketBatchSampler
 from eridiffusion.devices import resolve_device
@@ -238,6 +239,8 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     seed_everything(t_cfg.seed)  # here, so the adapter init does not depend on what the cache had to do
     trainable = TRAINABLES[t_cfg.mode](cfg, c)
     make_fast(cfg, c)
+    # train.compile: last run's compiled kernels for this key, loaded before anything compiles
+    compiled = CompileCache.for_run(cfg, fam.name, device, s.dataset.buckets, log, write=w.main)
     text_encoder = None if s.cache_text else fam.text_encoder(c, cfg.data.max_tokens)
     log(trainable.describe())
     model, synced = data_parallel(s, trainable, text_encoder, w, fsdp, log)
@@ -292,6 +295,8 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
                 step += 1
                 runlog.add(step, result.loss, float(opt.optimizer.param_groups[0]["lr"]), time.perf_counter() - t_start)
                 bar.update(1)
+                if compiled is not None:  # the first step compiled, or a new bucket: save for the next run
+                    compiled.after_step()
                 if (saved := periodic(step)) is not None:  # validation, log, saves, previews
                     lora_path, saved_at = saved, step
                 if stop_after is not None and stop_after <= step < total:

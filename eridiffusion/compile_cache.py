@@ -1,0 +1,207 @@
+"""Compiled code kept across runs: torch's mega-cache in one file beside the latent cache.
+
+With `train.compile` the first step compiles every distinct UNet block graph (forward and
+backward; SDXL: 16, again shape-generic once a second bucket arrives), minutes on a GPU.
+`torch.compiler.save_cache_artifacts()` bundles what those compiles produced (inductor's
+FX-graph entries with their Triton kernels, AOTAutograd entries, autotuning results, the
+automatic-dynamic profile) into bytes; `load_cache_artifacts(bytes)` in a later process puts
+them back into inductor's on-disk caches before anything compiles, so dynamo still traces but
+AOTAutograd and inductor answer from the cache.
+
+The file is `<cache dir>/compile/<family>-<digest>.torchcache`, the digest of `graph_key`: what
+changes the graphs (torch / Python / GPU, family, dtype, compile options, checkpointing, the
+adapters, batch size and bucket shapes). It is a header line (JSON: the key, the payload's
+length and sha256) and the payload. A missing file compiles cold; an unreadable, damaged or
+foreign one is a warning line and a cold compile, never an error. Saved (atomically) after a
+step whose compiles missed the cache, so after the first step and after a new bucket's first
+step; a run that only hit the cache writes nothing. Rank 0 writes; every rank loads.
+
+Two torch settings make the cache whole: AOTAutograd's cache accepts graphs holding an
+`autograd.Function` (`ops.lora_linear` in every LoRA'd block; off by default, so each run traced
+and partitioned every block again), and a `torch.compiler.config.job_id` keeps the
+automatic-dynamic profile, so a warm run compiles the shape-generic graphs at once instead of a
+static graph first and a shape-generic one at the second bucket.
+
+Inductor's own cache folder (`TORCHINDUCTOR_CACHE_DIR`, default `/tmp/torchinductor_<user>`) is
+left where the user has it: the file refills it on a fresh machine, and a folder that outlived
+the last run only adds hits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch._dynamo.utils import counters
+
+from eridiffusion.io import write_bytes
+
+MAGIC = b"eridiffusion-compile-cache 1\n"
+SUFFIX = ".torchcache"
+Log = Callable[[str], None]
+
+
+def device_key(device: torch.device) -> dict:
+    """The compiler's target: GPU name and compute capability (CUDA), or the CPU's architecture."""
+    if device.type == "cuda":
+        return {"device": torch.cuda.get_device_name(device), "capability": list(torch.cuda.get_device_capability(device)),
+                "cuda": torch.version.cuda}  # fmt: skip
+    return {"device": device.type, "machine": platform.machine()}
+
+
+def graph_key(cfg, family: str, device: torch.device, buckets, compile_options: dict | None = None) -> dict:
+    """Everything a compiled UNet block graph depends on (a `config.TrainConfig` run on `device`;
+    `buckets`: the dataset's (h, w) pixel sizes). Equal keys, equal graphs."""
+    t, lora = cfg.train, cfg.lora
+    return {
+        "torch": torch.__version__, "python": list(sys.version_info[:2]), **device_key(device),
+        "family": family, "dtype": cfg.model.dtype, "fp8_matmul": getattr(t, "fp8_matmul", False),
+        "compile": {"scope": "blocks", "dynamic": None, "mode": None, "fused_qkv": True, **(compile_options or {})},
+        "memory_budget": t.memory_budget, "gradient_checkpointing": t.gradient_checkpointing, "mode": t.mode,
+        "lora": None if t.mode != "lora" else {"type": lora.type, "rank": lora.rank, "conv_rank": lora.conv_rank,
+                                               "dropout": lora.dropout, "targets": list(lora.unet_targets),
+                                               "dora": lora.dora, "factor": lora.factor,
+                                               "decompose_both": lora.decompose_both, "dtype": t.lora_dtype},
+        "batch_size": t.batch_size, "max_tokens": cfg.data.max_tokens,
+        "buckets": sorted([int(h), int(w)] for h, w in set(buckets)),
+    }  # fmt: skip
+
+
+def cache_path(folder: str | Path, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(folder) / "compile" / f"{key['family']}-{digest}{SUFFIX}"
+
+
+def allow_custom_autograd_functions() -> None:
+    """Let AOTAutograd cache graphs holding an `autograd.Function` (`ops.lora_linear` is one in
+    every LoRA'd block): off by default in torch, and then every block bypasses that cache and is
+    traced and partitioned again in each run. The function's forward and backward are traced into
+    the graph, so the cache key covers them."""
+    cfg = torch._functorch.config
+    if hasattr(cfg, "autograd_cache_allow_custom_autograd_functions"):
+        cfg.autograd_cache_allow_custom_autograd_functions = True
+
+
+def _serialize() -> tuple[bytes, object] | None:
+    """`torch.compiler.save_cache_artifacts()` of every artifact this process recorded, as one
+    chunk per kind. Called twice, torch appends a second chunk per kind, and its loader (a dict of
+    the chunks) keeps only the last one, dropping the first step's graphs; so the chunks are
+    rebuilt from the recorded artifacts first (torch internals: skipped if they moved)."""
+    try:
+        from torch.compiler._cache import CacheArtifactManager as m
+
+        seen = list(m._seen_artifacts)
+        m._serializer.clear()
+        m._cache_info.clear()
+        m._new_cache_artifacts.clear()
+        for a in seen:
+            m._new_cache_artifacts[a.type()].append(a)
+    except (ImportError, AttributeError):
+        pass
+    return torch.compiler.save_cache_artifacts()
+
+
+def _misses() -> int:
+    """Compiles this process did not find in a cache (each one adds artifacts worth saving)."""
+    return counters["inductor"]["fxgraph_cache_miss"] + counters["aot_autograd"]["autograd_cache_miss"]
+
+
+class CompileCache:
+    """The cache file of one key: `load()` before the first compiled call, `after_step()` after
+    each optimizer step (saves when something compiled since the last save)."""
+
+    def __init__(self, path: str | Path, key: dict, log: Log = print, write: bool = True):
+        self.path, self.key, self.log, self.write = Path(path), key, log, write
+        self.saved_misses = _misses()  # compiles before this point (the VAE's) are not ours to save
+        self.loaded = False
+
+    @classmethod
+    def for_run(cls, cfg, family: str, device: torch.device, buckets, log: Log = print, write: bool = True):
+        """The run's cache, loaded; None without `train.compile` or with `cache.compile` off."""
+        if not (cfg.train.compile and getattr(cfg.cache, "compile", True)):
+            return None
+        allow_custom_autograd_functions()
+        key = graph_key(cfg, family, device, buckets)
+        cache = cls(cache_path(cfg.cache_dir, key), key, log, write)
+        job = torch.compiler.config.job_id  # the automatic-dynamic profile (shape-generic from the start) needs one
+        if job is None or job.startswith("eridiffusion-"):
+            torch.compiler.config.job_id = "eridiffusion-" + cache.path.stem
+        cache.load()
+        return cache
+
+    def _warn(self, what: str) -> None:
+        self.log(f"warning: compile cache {self.path}: {what}; compiling from scratch (the file is rewritten)")
+
+    def load(self) -> bool:
+        """Put the file's artifacts into torch's caches; False (after a warning, unless there is
+        no file) when nothing was loaded."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            self.log(f"compile cache: none yet for this configuration, the first steps compile ({self.path})")
+            return False
+        except OSError as e:
+            self._warn(f"unreadable ({e.strerror or e})")
+            return False
+        try:
+            payload = self._payload(data)
+        except ValueError as e:
+            self._warn(str(e))
+            return False
+        try:
+            info = torch.compiler.load_cache_artifacts(payload)
+        except Exception as e:  # torch's own format or version check
+            self._warn(f"torch could not load it ({type(e).__name__}: {e})")
+            return False
+        if info is None:
+            self._warn("torch could not read its artifacts")
+            return False
+        self.loaded = True
+        self.log(f"compile cache: loaded {len(info.inductor_artifacts)} inductor and {len(info.aot_autograd_artifacts)} "
+                 f"autograd graphs ({len(data) / 2**20:.1f} MiB) from {self.path}")  # fmt: skip
+        return True
+
+    def _payload(self, data: bytes) -> bytes:
+        """The artifact bytes after checking the header; ValueError (one line) when they do not fit."""
+        if not data.startswith(MAGIC):
+            raise ValueError("not a compile-cache file")
+        end = data.find(b"\n", len(MAGIC))
+        try:
+            header = json.loads(data[len(MAGIC) : end])
+        except (ValueError, UnicodeDecodeError):
+            raise ValueError("damaged header") from None
+        payload = data[end + 1 :]
+        if not isinstance(header, dict) or header.get("size") != len(payload):
+            raise ValueError("cut short or damaged")
+        if header.get("sha256") != hashlib.sha256(payload).hexdigest():
+            raise ValueError("damaged (checksum mismatch)")
+        if header.get("key") != self.key:
+            raise ValueError("written for another configuration")
+        return payload
+
+    def save(self) -> bool:
+        """Write every artifact this process compiled or loaded (atomically); False when there
+        was nothing to write or writing failed (a warning: the run goes on)."""
+        self.saved_misses = _misses()
+        result = _serialize()
+        if result is None or not self.write:
+            return False
+        payload, info = result
+        header = json.dumps({"key": self.key, "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()})
+        try:
+            write_bytes(self.path, MAGIC + header.encode() + b"\n" + payload)
+        except Exception as e:  # a full disk or read-only cache folder costs the next run a compile, not this run
+            self.log(f"warning: compile cache {self.path} not written: {e}")
+            return False
+        self.log(f"compile cache: saved {len(info.inductor_artifacts)} inductor and {len(info.aot_autograd_artifacts)} "
+                 f"autograd graphs ({(len(payload) + len(header)) / 2**20:.1f} MiB) to {self.path}")  # fmt: skip
+        return True
+
+    def after_step(self) -> bool:
+        """Save when a compile since the last save missed the cache (the first step, a new bucket)."""
+        return self.save() if _misses() > self.saved_misses else False
