@@ -27,11 +27,13 @@ class _LoRALinear(torch.autograd.Function):
     def forward(ctx, x, bias, down, up, *weights):
         weight = weights[0] if len(weights) == 1 else torch.cat(weights)  # (out, in)
         x2 = x.reshape(-1, x.shape[-1])  # (M, in)
-        out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())  # (M, out)
-        h = None
-        if down is not None:
-            h = x2 @ down.t()  # (M, rank)
-            out.addmm_(h, up.t())
+        h = None if down is None else x2 @ down.t()  # (M, rank)
+        if torch.compiler.is_compiling():  # adds that inductor fuses into the next kernel (see _plain)
+            out = _plain(x2 @ weight.t(), bias, h, up)
+        else:
+            out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())  # (M, out)
+            if h is not None:
+                out.addmm_(h, up.t())
         ctx.save_for_backward(x2, h, down, up, *weights)
         return out.view(*x.shape[:-1], weight.shape[0])
 
@@ -45,13 +47,23 @@ class _LoRALinear(torch.autograd.Function):
             weight = weights[0] if len(weights) == 1 else torch.cat(weights)
             grad_x = g @ weight
             if gh is not None:
-                grad_x.addmm_(gh, down)
+                grad_x = _plain(grad_x, None, gh, down.t()) if torch.compiler.is_compiling() else grad_x.addmm_(gh, down)
             grad_x = grad_x.view(*grad.shape[:-1], x2.shape[-1])
         if ctx.needs_input_grad[2]:
             grad_down = gh.t() @ x2  # (rank, in)
         if ctx.needs_input_grad[3]:
             grad_up = g.t() @ h  # (out, rank)
         return (grad_x, None, grad_down, grad_up) + (None,) * len(weights)
+
+
+def _plain(out: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor | None, up: torch.Tensor | None) -> torch.Tensor:
+    """out + bias + h upᵀ as separate ops, for compiled graphs: there `addmm(c, a, b)` (and the
+    functionalised `addmm_`) copies c into a fresh output before the GEMM adds to it, one device
+    copy per layer (bench/kernels.py found 981 per SDXL batch-4 step), while a plain add joins the
+    next pointwise kernel (residual add, GEGLU, norm)."""
+    if bias is not None:
+        out = out + bias
+    return out if h is None else out + h @ up.t()
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor], bias: torch.Tensor | None,

@@ -41,7 +41,8 @@ def test_train_compile_option_compiles_and_gives_the_same_losses(tmp_path, monke
     monkeypatch.setattr(speed, "compile_regions", eager_regions)
     compiled = train(cfg.replace(train={"compile": True}), progress=False, log=lambda s: None)
     assert len(calls) == 1
-    assert compiled.losses == plain.losses
+    # equal up to fp32 rounding: compiled graphs add a LoRA's update as a plain add (`ops._plain`), eager by addmm_
+    assert compiled.losses == pytest.approx(plain.losses, rel=1e-6, abs=0)
 
     # train.memory_budget is in force while the steps run (when the regions compile), not after
     seen, forward = [], UNet.forward
@@ -53,7 +54,7 @@ def test_train_compile_option_compiles_and_gives_the_same_losses(tmp_path, monke
     monkeypatch.setattr(UNet, "forward", recording_forward)
     budgeted = train(cfg.replace(train={"compile": True, "memory_budget": 0.5}), progress=False, log=lambda s: None)
     assert seen == [0.5] * 3 and torch._functorch.config.activation_memory_budget == 1.0
-    assert budgeted.losses == plain.losses  # the eager backend does not partition: same numbers
+    assert budgeted.losses == compiled.losses  # the eager backend does not partition: same numbers
     with pytest.raises(ConfigError, match=r"train.memory_budget = 0.5 is invalid: must be 1 without train.compile"):
         cfg.replace(train={"memory_budget": 0.5}).validate()
     with pytest.raises(ConfigError, match=r"train.memory_budget = 0.0 is invalid: must be in \(0, 1\]"):
