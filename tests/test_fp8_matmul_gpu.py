@@ -29,9 +29,9 @@ pytestmark = [
 CFG = UNetConfig(**{**UNetConfig.tiny().__dict__, "model_channels": 64, "transformer_depth": (0, 2, 2)})
 LAST = 50  # steps averaged at the end
 LOSS_RTOL = 0.02  # the issue's bar: mean of the last 50 losses within 2% of bf16's
-# the trained LoRA's output change, fp8 run vs bf16 run, both judged in bf16 (`lora_change`); first
-# guesses (10 CPU steps gave cosine 0.996, relative 0.09; 200 steps were not affordable on the CPU)
-LORA_COSINE, LORA_REL = 0.9, 0.45
+# the trained LoRA's output change, fp8 run vs bf16 run, both judged in bf16 (`lora_change`). Measured
+# on an H200 (2026-11-29, torch 2.11): loss_rel 0.0008, cosine 0.9964, relative 0.085; limits with margin
+LORA_COSINE, LORA_REL = 0.98, 0.2
 
 
 def fixed_problem(device, n: int = 8, size: int = 32, seed: int = 0):
