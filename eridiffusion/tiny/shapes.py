@@ -6,7 +6,8 @@ all three agree on what "a star" looks like. A shape fills a square box of side 
 (`left`, `top`); edges are anti-aliased by 4×4 supersampling. Captions read
 "a red circle on a blue background".
 
-The base model is trained on `BASE_SHAPES`; "star" and "heart" are held out for the demo to teach.
+The base model is trained on `BASE_SHAPES`; "star", "heart" and "ring" (a disc
+with a hole) are held out: the model never saw them or their words, so the demo can teach one.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import Tensor
 from eridiffusion.tiny.dataset import COLOURS
 
 COLOUR_NAMES = tuple(COLOURS)
-SHAPES = ("circle", "square", "triangle", "diamond", "star", "heart")
+SHAPES = ("circle", "square", "triangle", "diamond", "star", "heart", "ring")
 BASE_SHAPES = SHAPES[:4]  # what the shipped model was trained on
 PALETTE = torch.tensor([COLOURS[c] for c in COLOUR_NAMES], dtype=torch.float32) / 255  # (8, 3)
 
@@ -79,6 +80,7 @@ POLYGONS = {
     "diamond": torch.tensor([[0.5, 0.0], [1.0, 0.5], [0.5, 1.0], [0.0, 0.5]]),
     "star": _star_vertices(),
 }
+RING_HOLE = 0.6  # a ring's hole: radius 0.6 of the outer (a ring covers 64% of its disc)
 _HEART_X, _HEART_Y = 1.139, (-1.0, 1.236)  # extent of (x² + y² − 1)³ ≤ x² y³ (numerical)
 
 
@@ -99,6 +101,9 @@ def inside(shape: str, u: Tensor, v: Tensor) -> Tensor:
     """Whether unit-box points (u, v) lie in `shape` (bool, u's shape)."""
     if shape == "circle":
         return (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
+    if shape == "ring":
+        r2 = (u - 0.5) ** 2 + (v - 0.5) ** 2
+        return (r2 <= 0.25) & (r2 > 0.25 * RING_HOLE**2)
     if shape == "square":
         return (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
     if shape == "heart":
