@@ -119,6 +119,7 @@ class CompileCache:
         self.path, self.key, self.log, self.write = Path(path), key, log, write
         self.saved_misses = _misses()  # compiles before this point (the VAE's) are not ours to save
         self.loaded = False
+        self.prior_job = torch.compiler.config.job_id
 
     @classmethod
     def for_run(cls, cfg, family: str, device: torch.device, buckets, log: Log = print, write: bool = True):
@@ -128,11 +129,16 @@ class CompileCache:
         allow_custom_autograd_functions()
         key = graph_key(cfg, family, device, buckets)
         cache = cls(cache_path(cfg.cache_dir, key), key, log, write)
-        job = torch.compiler.config.job_id  # the automatic-dynamic profile (shape-generic from the start) needs one
+        job = cache.prior_job = torch.compiler.config.job_id  # the automatic-dynamic profile needs one
         if job is None or job.startswith("eridiffusion-"):
             torch.compiler.config.job_id = "eridiffusion-" + cache.path.stem
         cache.load()
         return cache
+
+    def close(self) -> None:
+        """Give back the process's `job_id`: left set, later compiles in this process (another run,
+        `eri sample --compile`, a VAE) would read this run's shape profile after `torch._dynamo.reset()`."""
+        torch.compiler.config.job_id = self.prior_job
 
     def _warn(self, what: str) -> None:
         self.log(f"warning: compile cache {self.path}: {what}; compiling from scratch (the file is rewritten)")

@@ -135,7 +135,10 @@ def test_train_with_a_damaged_cache_file_warns_and_trains_the_same(tmp_path, mon
     original = speed.compile_regions
     monkeypatch.setattr(speed, "compile_regions", lambda unet, **kw: original(unet, **{**kw, "backend": "eager"}))
     lines: list[str] = []
+    job = torch.compiler.config.job_id
     first = train(cfg, progress=False, log=lines.append)
+    # the run's job_id (its shape profile) is given back: later compiles in this process must not read it
+    assert torch.compiler.config.job_id == job
     found = [ln for ln in lines if ln.startswith("compile cache: none yet")]
     assert len(found) == 1
     path = Path(re.search(r"\((.*)\)$", found[0]).group(1))

@@ -319,6 +319,8 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     finally:
         bar.close()
         stop.restore()
+        if compiled is not None:
+            compiled.close()
     if device.type == "cuda" and fault is not None:
         torch.cuda.empty_cache()
     interrupted = interrupted or (bool(stop.signum) and step < total)  # a signal in the last step: the run is done
