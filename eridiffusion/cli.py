@@ -265,7 +265,7 @@ def cache(args: argparse.Namespace) -> int:
 
 @command(
     "demo",
-    "teach the shipped tiny shapes model a new shape (a star) with a LoRA on CPU, scored before and after",
+    "teach the shipped tiny shapes model a new shape (a bar) with a LoRA on CPU, scored before and after",
     arg("--dir", default="runs/demo", help="output folder (default runs/demo)"),
     arg("--steps", type=int, default=None, help="training steps (default: the demo recipe's, eridiffusion/tiny/demo.py)"),
     arg("--overwrite", action="store_true", help="use --dir even if it holds files that are not a demo run's"),

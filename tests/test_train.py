@@ -152,7 +152,7 @@ def test_eri_demo_smoke(tmp_path, capsys):
     assert main(["demo", "--dir", str(tmp_path / "demo"), "--steps", "4"]) == 0
     out = capsys.readouterr().out
     assert "lora.safetensors" in out.split("demo: concept")[0]  # the trainer's "saved ..." line
-    assert 'demo: concept "a star": ' in out and " before → " in out and "; controls: " in out
+    assert 'demo: concept "a bar": ' in out and " before → " in out and "; controls: " in out
     for name in ("lora.safetensors", "loss.csv", "loss.png", "config.toml", "demo.json", "samples/before.png",
                  "samples/after.png", "data/concept/shape_000.png", "data/prior/shape_000.txt"):
         assert (tmp_path / "demo" / name).is_file(), name

@@ -8,7 +8,8 @@ Deterministic, no learning, no human:
    largest 8-connected region of coverage > 0.5;
 4. shape = the `shapes.template` (the renderer's own shape filling its box) with the highest
    soft IoU against the region's coverage cropped to its bounding box and resized to 32×32;
-   below `MIN_IOU`, or a region under `MIN_AREA` of the image, the shape is None.
+   below `MIN_IOU`, or a region under `MIN_AREA` of the image, the shape is None. A region at
+   least `BAR_ASPECT` times wider than high is a bar when it fills `MIN_IOU` of its bounding box.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ FAR = 60.0  # RGB distance from the background above which a pixel counts as for
 MIN_AREA = 0.01  # smallest shape, as a fraction of the image
 MIN_IOU = 0.6  # weakest template match still called a shape
 N = 32  # template side
+BAR_ASPECT = 2.0  # a region this much wider than high is a bar (every other shape fills a square box)
 
 
 @dataclass(frozen=True)
@@ -74,8 +76,12 @@ def detect(image: Image.Image | np.ndarray) -> Detection:
         return Detection(None, COLOUR_NAMES[fg_i], COLOUR_NAMES[bg_i])
     rows, cols = region.any(1).nonzero().squeeze(1), region.any(0).nonzero().squeeze(1)
     crop = (cover * region)[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    if crop.shape[1] >= BAR_ASPECT * crop.shape[0]:  # much wider than high: only a bar is (its IoU: the fill)
+        fill = float(crop.mean())
+        return Detection("bar" if fill >= MIN_IOU else None, COLOUR_NAMES[fg_i], COLOUR_NAMES[bg_i], fill)
     crop = F.interpolate(crop[None, None], size=(N, N), mode="area")[0, 0]  # (32, 32)
-    ious = {s: float(torch.minimum(crop, template(s, N)).sum() / torch.maximum(crop, template(s, N)).sum()) for s in SHAPES}
+    ious = {s: float(torch.minimum(crop, template(s, N)).sum() / torch.maximum(crop, template(s, N)).sum())
+            for s in SHAPES if s != "bar"}  # fmt: skip
     best = max(ious, key=ious.get)
     shape = best if ious[best] >= MIN_IOU else None
     return Detection(shape, COLOUR_NAMES[fg_i], COLOUR_NAMES[bg_i], ious[best])

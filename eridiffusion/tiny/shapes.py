@@ -6,8 +6,9 @@ all three agree on what "a star" looks like. A shape fills a square box of side 
 (`left`, `top`); edges are anti-aliased by 4×4 supersampling. Captions read
 "a red circle on a blue background".
 
-The base model is trained on `BASE_SHAPES`; "star", "heart" and "ring" (a disc
-with a hole) are held out: the model never saw them or their words, so the demo can teach one.
+The base model is trained on `BASE_SHAPES`; "star", "heart", "ring" (a disc with a hole) and
+"bar" (a horizontal band, three times as wide as high) are held out: the model never saw them or
+their words, so the demo can teach one.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import Tensor
 from eridiffusion.tiny.dataset import COLOURS
 
 COLOUR_NAMES = tuple(COLOURS)
-SHAPES = ("circle", "square", "triangle", "diamond", "star", "heart", "ring")
+SHAPES = ("circle", "square", "triangle", "diamond", "star", "heart", "ring", "bar")
 BASE_SHAPES = SHAPES[:4]  # what the shipped model was trained on
 PALETTE = torch.tensor([COLOURS[c] for c in COLOUR_NAMES], dtype=torch.float32) / 255  # (8, 3)
 
@@ -106,6 +107,8 @@ def inside(shape: str, u: Tensor, v: Tensor) -> Tensor:
         return (r2 <= 0.25) & (r2 > 0.25 * RING_HOLE**2)
     if shape == "square":
         return (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
+    if shape == "bar":  # a horizontal band, a third of its box high: the one shape not filling a square
+        return (u >= 0) & (u <= 1) & (v >= 1 / 3) & (v <= 2 / 3)
     if shape == "heart":
         x = (u * 2 - 1) * _HEART_X
         y = _HEART_Y[1] - v * (_HEART_Y[1] - _HEART_Y[0])  # y up
