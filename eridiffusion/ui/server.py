@@ -16,14 +16,7 @@ import hmac
 import json
 import secrets
 from pathlib import Path
-from typing import Any
-
-from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
-from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from typing import TYPE_CHECKING, Any
 
 import eridiffusion
 from eridiffusion.config import ConfigError
@@ -34,6 +27,11 @@ from eridiffusion.runs import check as check_folder
 from eridiffusion.ui import datasets, runs, schema
 from eridiffusion.ui.jobs import Busy, SampleJob, TrainJob
 from eridiffusion.ui.paths import PathRefused, Root
+
+if TYPE_CHECKING:  # Starlette is the optional [ui] extra: imported where used
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
 
 STATIC = Path(__file__).parent / "static"
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
@@ -78,11 +76,15 @@ class UI:
         return datasets.save_caption(self.root, body["path"], str(body["caption"]))
 
     def thumb(self, q, body) -> Response:
+        from starlette.responses import Response
+
         path = self.root.resolve(q["path"], must_exist=True)
         data = datasets.thumbnail(path, min(_int(q, "size", 256), 1024))
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-cache"})
 
     def file(self, q, body) -> Response:
+        from starlette.responses import FileResponse
+
         path = self.root.resolve(q["path"], must_exist=True)
         if not path.is_file():
             raise FileNotFoundError(f"{q['path']}: not a file")
@@ -199,11 +201,15 @@ class UI:
 
 
 def _error(status: int, message: str, **extra) -> JSONResponse:
+    from starlette.responses import JSONResponse
+
     return JSONResponse({"error": message, **extra}, status_code=status)
 
 
 def api(method):
     """An endpoint calling `method(query, body)` in a worker thread, its errors mapped to statuses."""
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse, Response
 
     async def endpoint(request: Request) -> Response:
         body: Any = {}
@@ -258,6 +264,8 @@ class Guard:
         return None
 
     async def __call__(self, scope, receive, send):
+        from starlette.requests import Request
+
         if scope["type"] == "http":
             found = self.problem(Request(scope))
             if found is not None:
@@ -268,6 +276,12 @@ class Guard:
 def create_app(root: str | Path, token: str | None = None, local: bool = True, demo: bool = False) -> Starlette:
     """The app serving `root`; with `token`, every request must carry it (header X-Eri-Token,
     `Authorization: Bearer`, or `?token=`)."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.middleware import Middleware
+    from starlette.responses import FileResponse, HTMLResponse, StreamingResponse
+    from starlette.routing import Route
+
     ui = UI(root, demo=demo)
     qs = f"?token={token}" if token else ""
 
