@@ -22,7 +22,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import emit, environment, median, random_part, write_json  # noqa: I001 (repo root on sys.path)
+from common import emit, environment, median, random_part, time_calls, write_json  # noqa: I001 (repo root on sys.path)
 from eridiffusion import checkpoint, networks, speed
 
 SHAPES = (  # (name, batch, heads, query tokens, key tokens, head dim) at SDXL 1024², batch 4
@@ -33,18 +33,11 @@ SHAPES = (  # (name, batch, heads, query tokens, key tokens, head dim) at SDXL 1
 )
 
 
-def timed_ms(fn, iters: int = 20) -> float:
+def timed_ms(fn, iters: int = 20, device: torch.device = torch.device("cuda")) -> float:
+    """Median ms of `iters` calls after 3 warm-ups (CUDA events: `common.time_calls`)."""
     for _ in range(3):
         fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return median(times)
+    return 1e3 * median(time_calls(fn, device, iters))
 
 
 def attention_backends() -> dict:
