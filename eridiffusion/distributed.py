@@ -185,9 +185,14 @@ class FaultWatch:
 
     @classmethod
     def stop(cls) -> None:
-        if cls.current is not None:
-            cls.current._done.set()
-            cls.current = None
+        """End the watcher and wait for it: a poll still running when the process group (and
+        its store) is destroyed can end the process in C++ ("terminate called without an
+        active exception", seen once at exit on a loaded 2-core machine)."""
+        watch, cls.current = cls.current, None
+        if watch is not None:
+            watch._done.set()
+            if watch._thread.is_alive() and watch._thread is not threading.current_thread():
+                watch._thread.join(timeout=cls.POLL_S + 5.0)
 
     def _read(self) -> tuple[int, int, str] | None:
         if not self.store.check([self.KEY]):

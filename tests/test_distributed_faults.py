@@ -115,3 +115,31 @@ def test_two_nodes_on_localhost_match_one_process(root, tmp_path):
         diff = max(float((a[k] - b[k]).abs().max()) for k in a)
         print(f"two nodes {name}: max |Δ| = {diff:.3g}")
         assert a.keys() == b.keys() and diff < TOL
+
+
+def test_stopping_the_watch_waits_for_a_poll_in_flight():
+    """FaultWatch.stop() returns only after the watcher thread has ended: the process group
+    (and the store the thread polls) is destroyed right after it."""
+    import threading
+
+    import torch
+
+    from eridiffusion import distributed
+
+    polling, release = threading.Event(), threading.Event()
+
+    class SlowStore:  # a store request that takes a while (a loaded machine)
+        def check(self, keys):
+            polling.set()
+            release.wait(2.0)
+            return False
+
+    w = distributed.World(rank=0, size=2, local_rank=0, device=torch.device("cpu"), owned=True)
+    watch = distributed.FaultWatch(w, SlowStore())
+    watch.POLL_S = 0.01
+    distributed.FaultWatch.current = watch
+    watch._thread.start()
+    assert polling.wait(5.0)
+    threading.Timer(0.3, release.set).start()
+    distributed.FaultWatch.stop()
+    assert not watch._thread.is_alive() and distributed.FaultWatch.current is None
