@@ -38,6 +38,7 @@ from e2e import _markers, make_noise_dataset, write_checkpoint
 from eridiffusion import checkpoint
 
 PHASES = ("cold", "warm", "local")
+STEADY_FROM = 10  # steady step time: the median over the steps after this many (with --steps > it)
 TIMERS = ("_compile.compile_inner", "backward._backward_impl", "bytecode_tracing", "create_aot_dispatcher_function",
           "fx_codegen_and_compile", "async_compile.wait", "PyCodeCache.load_by_key_path")  # fmt: skip
 
@@ -132,6 +133,8 @@ def run_phase(args, phase: str, work: Path, ckpt: Path, device: torch.device) ->
     m = _markers(lines)
     with open(out / "loss.csv", newline="") as f:
         times = [float(r["time"]) for r in csv.DictReader(f)]  # seconds since the loop began, per step
+    steady = sorted(b - a for a, b in zip(times[STEADY_FROM - 1 :], times[STEADY_FROM:]))
+    batch = int([a for a in argv if a.startswith("train.batch_size=")][-1].split("=", 1)[1])
     info = json.loads(stats.read_text())
     timers, c = info["timers_s"], info["counters"]
     start = m["train_start"]
@@ -151,6 +154,9 @@ def run_phase(args, phase: str, work: Path, ckpt: Path, device: torch.device) ->
         "autograd_hit": c["aot_autograd"].get("autograd_cache_hit", 0),
         "autograd_miss": c["aot_autograd"].get("autograd_cache_miss", 0),
         "autograd_bypass": c["aot_autograd"].get("autograd_cache_bypass", 0),
+        # steps from STEADY_FROM on: both buckets compiled and captured (the loop's host clock, one sync a step)
+        "steady_s_per_step": steady[len(steady) // 2] if steady else None,
+        "steady_img_per_s": batch / steady[len(steady) // 2] if steady else None,
         "compile_cache_lines": cache_lines,  # (seconds since the loop began, line)
         "peak_gib": info.get("peak_allocated_gib"), "timers_all_s": timers,
     })  # fmt: skip
@@ -209,7 +215,8 @@ def main(argv=None) -> int:
     print_table([r for r in rows if r["stage"] == "train"],
                 [("phase", 6), ("time_to_first_step_s", 20), ("startup_s", 9), ("load_s", 7), ("setup_s", 8),
                  ("first_step_s", 12), ("compile_forward_s", 17), ("compile_backward_s", 18), ("graph_warmup_s", 14),
-                 ("graph_capture_s", 15), ("fxgraph_hit", 11), ("fxgraph_miss", 12), ("autograd_miss", 13)])  # fmt: skip
+                 ("graph_capture_s", 15), ("fxgraph_hit", 11), ("fxgraph_miss", 12), ("autograd_miss", 13),
+                 ("steady_img_per_s", 16)])  # fmt: skip
     return 1 if any(r.get("error") for r in rows) else 0
 
 

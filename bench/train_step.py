@@ -54,6 +54,7 @@ class Case:
 CASES = [  # ours as `eri train` runs it (fused q/k/v); the peer runs the eager and checkpointing rows
     Case("b1_eager", 1, fused_qkv=True),
     Case("b1_graph", 1, compile=True, graph=True, fused_qkv=True),
+    Case("b1_checkpointing_graph", 1, compile=True, checkpointing=True, graph=True, fused_qkv=True),
     Case("b4_eager", 4, fused_qkv=True),
     Case("b4_compile", 4, compile=True, fused_qkv=True),
     Case("b4_graph", 4, compile=True, graph=True, fused_qkv=True),

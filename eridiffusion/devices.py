@@ -35,3 +35,12 @@ def resolve_device(name: str, setting: str = "train.device", prefer_mps: bool = 
 
 def _fix(setting: str) -> str:
     return f"{setting} cpu" if setting.startswith("--") else f"{setting}=cpu"
+
+
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without stopping the host: on CUDA through pinned memory and an
+    asynchronous copy (a copy from pageable memory waits for all the work queued on the device
+    first, so the device idles while the host prepares the next batch). Elsewhere `t.to(device)`."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

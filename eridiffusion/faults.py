@@ -146,8 +146,14 @@ class StopSignals:
 
 def all_finite(*tensors) -> bool:
     """One device sync: are all these (scalar) tensors finite? None entries are ignored."""
+    return bool(finite_flag(*tensors))
+
+
+def finite_flag(*tensors):
+    """On the device, without a sync: a bool tensor, True when all these (scalar) tensors are
+    finite (None entries are ignored; True when none is left)."""
     import torch
 
     flags = [torch.isfinite(t).all() for t in tensors if t is not None]
-    return bool(torch.stack(flags).all()) if flags else True
+    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
 

@@ -254,11 +254,20 @@ def _patch_unet(monkeypatch, fault):
     monkeypatch.setattr(UNet, "forward", forward)
 
 
-def test_nonfinite_loss_skips_the_step_then_stops_with_a_saved_state(root, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True], ids=["check-then-step", "fused-skips-on-device"])
+def test_nonfinite_loss_skips_the_step_then_stops_with_a_saved_state(root, tmp_path, capsys, monkeypatch, fused):
+    """Fused AdamW (the CUDA default) is told `found_inf` and skips on the device, the check after
+    the update is queued; foreach AdamW (the CPU default) is checked first. Same outcome."""
     nan_calls = {2} | set(range(5, 100))  # one NaN step, two good ones, then NaN for good
     _patch_unet(monkeypatch, lambda n, out: out * float("nan") if n in nan_calls else out)
+    from eridiffusion.train.step import TrainStep
+
+    after, real_after = [], TrainStep._step_then_check
+    monkeypatch.setattr(TrainStep, "_step_then_check", lambda self, *a: after.append(1) or real_after(self, *a))
     out_dir = tmp_path / "out"
-    code, out, err = _eri(capsys, root / "run.toml", f"save.output_dir={out_dir}", "train.max_nonfinite=3")
+    code, out, err = _eri(capsys, root / "run.toml", f"save.output_dir={out_dir}", "train.max_nonfinite=3",
+                          *(["optim.args={fused = true}"] if fused else []))  # fmt: skip
+    assert len(after) == (7 if fused else 0)  # 3 good steps, 4 skipped
     assert code == 1
     line = _one_line(err)
     assert "loss was NaN/inf in 3 steps in a row after step 3 (4 skipped in all)" in line

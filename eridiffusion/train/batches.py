@@ -15,6 +15,7 @@ import torch
 from eridiffusion import distributed
 from eridiffusion.data.buckets import BucketBatchSampler
 from eridiffusion.data.dataset import downsample_mask
+from eridiffusion.devices import upload
 from eridiffusion.families import Cond
 from eridiffusion.train.setup import Setup, encode_latents
 
@@ -66,12 +67,12 @@ class Batches:
             latents.append(latent)
             captions.append(caption)
             time_ids.append(ids)
-        mean = torch.stack([d["mean"] for d in latents]).to(device)
-        std = torch.stack([d["std"] for d in latents]).to(device)
+        mean = upload(torch.stack([d["mean"] for d in latents]), device)
+        std = upload(torch.stack([d["std"] for d in latents]), device)
         eps = torch.randn((len(idx), *mean.shape[1:]), generator=self.noise_gen, device=device)[rows]  # global draw
         weight = self._weights(idx[rows], latents, mean.shape[-2:])
-        return Batch(mean + std * eps, self._text(captions), torch.stack(time_ids).to(device), rows, len(idx), scale,
-                     weight)  # fmt: skip
+        return Batch(mean + std * eps, self._text(captions), upload(torch.stack(time_ids), device), rows, len(idx),
+                     scale, weight)  # fmt: skip
 
     def _weights(self, idx: list[int], latents: list[dict], size) -> torch.Tensor | None:
         """Per latent pixel loss weights (b, 1, h, w): the mask × the sample's weight (data.prior_loss_weight
@@ -80,7 +81,7 @@ class Batches:
         if all(x == 1.0 for x in w) and all("mask" not in d for d in latents):
             return None
         masks = [d["mask"] if "mask" in d else torch.ones((1, *size)) for d in latents]
-        return (torch.stack(masks) * torch.tensor(w)[:, None, None, None]).to(self.s.device)
+        return upload(torch.stack(masks) * torch.tensor(w)[:, None, None, None], self.s.device)
 
     def _item(self, i: int, item_gen: torch.Generator) -> tuple[dict[str, torch.Tensor], str, torch.Tensor]:
         s = self.s
@@ -100,6 +101,6 @@ class Batches:
         s = self.s
         if s.cache_text:
             entries = [s.cached("text", s.text_key(cap)) for cap in captions]
-            return {k: torch.stack([e[k] for e in entries]).to(s.device) for k in entries[0]}
+            return {k: upload(torch.stack([e[k] for e in entries]), s.device) for k in entries[0]}
         with torch.set_grad_enabled(self.train_text):
             return self.text_encoder(captions)

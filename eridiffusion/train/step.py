@@ -6,7 +6,9 @@
         loss = family-weighted l2 / Huber(denoiser(x_t, t, **family.denoiser_inputs), target)
         backward (gradients accumulate; replayed from a CUDA graph with cuda_graph)
     FSDP: all-reduce the LoRA gradients; torchrun: average the logged loss over ranks
-    clip the gradient norm; a NaN / inf loss or norm skips the update (NonFiniteGuard)
+    clip the gradient norm; a NaN / inf loss or norm skips the update (NonFiniteGuard): checked
+        after the update is queued when the optimizer can skip on the device (torch's fused
+        AdamW), before it otherwise
     optimizer.step(), clear the gradients
 """
 
@@ -109,6 +111,8 @@ class TrainStep:
         # params the optimizer does not hold (it updates fp32 copies of them: finetune.FullModel)
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         self.unheld = [p for p in self.params if id(p) not in held]
+        # torch's fused Adam / AdamW / SGD skip an update on the device when told `found_inf`
+        self.skips_on_device = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
     def micro_step(self, x0, time_ids, t, noise, *rest, scale: float = 1.0) -> torch.Tensor:
         """Forward and backward of one micro-batch (gradients accumulate); returns the loss.
@@ -166,9 +170,26 @@ class TrainStep:
         norm = None
         if self.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        if self.guard.enabled and self.skips_on_device:
+            return self._step_then_check(loss, norm)
         if self.guard.enabled and not self.guard.observe(faults.all_finite(loss, norm)):  # skip: no update
             self.clear_grads()
             return StepResult(loss, norm, skipped=True)
         self.optimizer.step()
         self.clear_grads()
         return StepResult(loss, norm, skipped=False)
+
+    def _step_then_check(self, loss: torch.Tensor, norm: torch.Tensor | None) -> StepResult:
+        """The NaN guard's sync after the update is queued, not before: the optimizer gets
+        `found_inf` (as from torch's GradScaler) and its kernel leaves weights and state as they
+        were on a non-finite step. Meanwhile the device runs the step's last kernels and the
+        optimizer's instead of idling while the host launches them."""
+        finite = faults.finite_flag(loss, norm)
+        self.optimizer.found_inf = (~finite).float()
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+        self.clear_grads()
+        ok = self.guard.observe(bool(finite))  # the step's one sync
+        return StepResult(loss, norm, skipped=not ok)
