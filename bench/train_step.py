@@ -259,7 +259,8 @@ def count_flops(step) -> float:
 def time_step(step, batch: int, warmup: int, iters: int, channels_last: bool = False, graphed: bool = False) -> dict:
     """Median step time; `peak_gib` over everything from the first step on (compilation, cuDNN
     autotuning and graph capture included); `steady_peak_gib` over the timed steps alone, not
-    for graphed steps (a replay allocates nothing: its memory was taken at capture)."""
+    for graphed steps (a replay allocates nothing: its memory was taken at capture); for those
+    `steady_reserved_gib`, what stays reserved after the timed steps once the free cache is released."""
     args = inputs(batch, channels_last=channels_last)
     torch.cuda.reset_peak_memory_stats()  # the peak includes compile / graph capture: the real working set
     t0 = time.perf_counter()
@@ -281,11 +282,15 @@ def time_step(step, batch: int, warmup: int, iters: int, channels_last: bool = F
         times.append(start.elapsed_time(end) / 1e3)
     times.sort()
     med = times[len(times) // 2]
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # what stays reserved: the live tensors and the graphs' private pool
     return {
         "s_per_step": med,
         "img_per_s": batch / med,
         "peak_gib": max(first_peak, torch.cuda.max_memory_allocated()) / 2**30,
         "steady_peak_gib": None if graphed else torch.cuda.max_memory_allocated() / 2**30,
+        # graphed: the memory a replayed step holds (weights, optimizer state, the captured pool)
+        "steady_reserved_gib": torch.cuda.memory_reserved() / 2**30 if graphed else None,
         "first_step_s": first,
         "spread": (times[-1] - times[0]) / med,
     }

@@ -28,14 +28,14 @@ class _LoRALinear(torch.autograd.Function):
         weight = weights[0] if len(weights) == 1 else torch.cat(weights)  # (out, in)
         x2 = x.reshape(-1, x.shape[-1])  # (M, in)
         h = None if down is None else x2 @ down.t()  # (M, rank)
-        if torch.compiler.is_compiling():  # adds that inductor fuses into the next kernel (see _plain)
-            out = _plain(x2 @ weight.t(), bias, h, up)
-        else:
-            out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())  # (M, out)
-            if h is not None:
-                out.addmm_(h, up.t())
+        shape = (*x.shape[:-1], weight.shape[0])
         ctx.save_for_backward(x2, h, down, up, *weights)
-        return out.view(*x.shape[:-1], weight.shape[0])
+        if torch.compiler.is_compiling():  # adds that inductor fuses into the next kernel (see _plain)
+            return _plain((x2 @ weight.t()).view(shape), bias, None if h is None else (h @ up.t()).view(shape))
+        out = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())  # (M, out)
+        if h is not None:
+            out.addmm_(h, up.t())
+        return out.view(shape)
 
     @staticmethod
     def backward(ctx, grad):
@@ -45,10 +45,12 @@ class _LoRALinear(torch.autograd.Function):
         grad_x = grad_down = grad_up = None
         if ctx.needs_input_grad[0]:
             weight = weights[0] if len(weights) == 1 else torch.cat(weights)
-            grad_x = g @ weight
-            if gh is not None:
-                grad_x = _plain(grad_x, None, gh, down.t()) if torch.compiler.is_compiling() else grad_x.addmm_(gh, down)
-            grad_x = grad_x.view(*grad.shape[:-1], x2.shape[-1])
+            shape = (*grad.shape[:-1], x2.shape[-1])
+            if torch.compiler.is_compiling():
+                grad_x = _plain((g @ weight).view(shape), None, None if gh is None else (gh @ down).view(shape))
+            else:
+                grad_x = g @ weight if gh is None else (g @ weight).addmm_(gh, down)
+                grad_x = grad_x.view(shape)
         if ctx.needs_input_grad[2]:
             grad_down = gh.t() @ x2  # (rank, in)
         if ctx.needs_input_grad[3]:
@@ -56,14 +58,17 @@ class _LoRALinear(torch.autograd.Function):
         return (grad_x, None, grad_down, grad_up) + (None,) * len(weights)
 
 
-def _plain(out: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor | None, up: torch.Tensor | None) -> torch.Tensor:
-    """out + bias + h upᵀ as separate ops, for compiled graphs: there `addmm(c, a, b)` (and the
-    functionalised `addmm_`) copies c into a fresh output before the GEMM adds to it, one device
-    copy per layer (bench/kernels.py found 981 per SDXL batch-4 step), while a plain add joins the
-    next pointwise kernel (residual add, GEGLU, norm)."""
+def _plain(out: torch.Tensor, bias: torch.Tensor | None, update: torch.Tensor | None) -> torch.Tensor:
+    """out + bias + update for compiled graphs, `out` and `update` GEMM results already viewed to
+    the output's shape. `addmm(c, a, b)` with a full-size c (and the functionalised `addmm_`)
+    copies c into a fresh output before the GEMM adds to it: one device copy per layer
+    (bench/kernels.py found 981 per SDXL batch-4 step). Inductor rewrites `mm + c` into that
+    addmm unless every use of the sum is pointwise (torch/_inductor/fx_passes/post_grad.py,
+    `addmm`); an add of views is no `mm + c`, so the adds stay pointwise and join the next kernel
+    (residual add, GEGLU, norm). A 1-D bias alone is left to cuBLASLt's bias epilogue."""
     if bias is not None:
         out = out + bias
-    return out if h is None else out + h @ up.t()
+    return out if update is None else out + update
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor], bias: torch.Tensor | None,

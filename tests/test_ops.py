@@ -1,6 +1,10 @@
 """ops.geglu and ops.Conv2d: autograd's numbers, fewer tensors kept for backward."""
 from __future__ import annotations
 
+import os
+import shutil
+
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -58,3 +62,35 @@ def test_conv2d_with_a_trainable_weight_is_plain_conv2d():
     assert out.grad_fn.name() == "ConvolutionBackward0"
     out.sum().backward()
     assert conv.weight.grad is not None and x.grad is not None
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="CPU inductor needs a C++ compiler (g++)")
+@pytest.mark.parametrize("bias", [False, True])
+def test_compiled_lora_linear_adds_without_addmm(tmp_path, monkeypatch, bias):
+    """Inside inductor graphs the LoRA update (and the bias) are plain adds: inductor turns
+    `mm + c` with a full-size c into addmm, which first copies c into the output (one device copy
+    per layer and step, bench/kernels.py), unless the adds see views. Same numbers as eager."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # compiled here, not loaded from a cache
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 24, 32, generator=g)
+    w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g) if bias else None
+    down, up = torch.randn(4, 32, generator=g), torch.randn(48, 4, generator=g)
+
+    def step(x, down, up):
+        out = ops.lora_linear(x, w, b, down, up)
+        out.square().sum().backward()
+        return out
+
+    leaves = [t.clone().requires_grad_() for t in (x, down, up)]
+    torch._dynamo.reset()
+    out, codes = run_and_get_code(torch.compile(step, backend="inductor"), *leaves)
+    torch._dynamo.reset()
+    eager = [t.clone().requires_grad_() for t in (x, down, up)]
+    ref = step(*eager)
+    assert len(codes) == 2  # forward and backward graphs
+    assert not [c for c in codes if "addmm" in c]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, e in zip(leaves, eager):
+        torch.testing.assert_close(a.grad, e.grad, rtol=1e-5, atol=1e-4)
