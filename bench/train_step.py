@@ -91,6 +91,7 @@ VARIANTS = [
     Case("b4_eager_fused", 4, fused_qkv=True),
     Case("b8_ckpt_graph_fused", 8, compile=True, checkpointing=True, graph=True, fused_qkv=True),
     Case("b8_ckpt_eager_fused", 8, checkpointing=True, fused_qkv=True),
+    Case("b8_ckpt_compile_fused", 8, compile=True, checkpointing=True, fused_qkv=True),
     Case("b4_graph_fused_cdt", 4, compile=True, graph=True, fused_qkv=True,
          inductor=(("coordinate_descent_tuning", True),)),
     Case("b8_ckpt_graph_fused_nobench", 8, compile=True, checkpointing=True, graph=True, fused_qkv=True,
@@ -347,6 +348,60 @@ def profile_case(case: Case, path: str) -> dict:
     return summary
 
 
+def _where(frames: list[dict]) -> str:
+    """The innermost frame in our code (eridiffusion/, bench/) of an allocation's Python stack."""
+    for f in frames:
+        name = f.get("filename", "")
+        if "/eridiffusion/" in name or "/bench/" in name:
+            return f"{name.split('/eridiffusion/')[-1].split('/bench/')[-1]}:{f.get('line')} {f.get('name')}"
+    return "(no Python frame: autograd's backward)" if not frames else f"{frames[0].get('filename')}:{frames[0].get('line')}"
+
+
+def memory_case(case: Case, path: str, top: int = 30) -> dict:
+    """Where a step's memory goes, after two warm-up steps: what was allocated before the step
+    (weights, LoRA, optimizer state), what the forward leaves alive for backward, summed by the
+    innermost frame of our code that allocated it (torch's allocator trace, recorded in the forward
+    only: stacks recorded in autograd's backward thread failed under torch 2.11), and the peak
+    the backward adds on top. Eager cases only."""
+    step, fwd, _, _ = build_ours(case)
+    args = inputs(case.batch, channels_last=case.channels_last)
+    for _ in range(2):
+        step(*args)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    out = fwd(*args[:5])
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    after_forward, forward_peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+    out.float().square().mean().backward()
+    torch.cuda.synchronize()
+    live: dict[int, dict] = {}
+    for e in (e for trace in snap["device_traces"] for e in trace):
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] == "free_requested":
+            live.pop(e["addr"], None)
+    groups: dict[str, list] = {}
+    for e in live.values():
+        g = groups.setdefault(_where(e.get("frames", [])), [0, 0])
+        g[0] += e["size"]
+        g[1] += 1
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][0])
+    gib = 2**30
+    summary = {"case": case.name, "before_step_gib": base / gib, "after_forward_gib": after_forward / gib,
+               "forward_peak_gib": forward_peak / gib, "peak_gib": torch.cuda.max_memory_allocated() / gib,
+               "kept_for_backward": [{"where": w, "gib": b / gib, "blocks": n} for w, (b, n) in rows[:top]]}  # fmt: skip
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=1)
+    print(json.dumps({k: v for k, v in summary.items() if k != "kept_for_backward"}), flush=True)
+    for r in summary["kept_for_backward"]:
+        print(f"{r['gib']:8.3f} GiB {r['blocks']:6d}  {r['where']}", flush=True)
+    return summary
+
+
 def fp8_fidelity(unet) -> float:
     """‖UNet(x) in fp8 − UNet(x) in bf16‖ / ‖UNet(x) in bf16‖ at batch 1, eager, same weights and
     LoRA (its up weights set non-zero): the whole network's forward error from the float8 GEMMs."""
@@ -403,6 +458,7 @@ def main(argv=None) -> int:
     ap.add_argument("--peer-compile", action="store_true", help="also time torch.compile of the diffusers UNet (minutes)")
     ap.add_argument("--variants", action="store_true", help="measure our step's speed variants, no peer")
     ap.add_argument("--profile", default=None, help="write a profiler summary of this case's step")
+    ap.add_argument("--memory", default=None, help="write what is alive at this case's peak (not for graphed cases)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     args = ap.parse_args(argv)
@@ -423,6 +479,9 @@ def main(argv=None) -> int:
         except ImportError:
             peer = False
 
+    if args.memory:
+        memory_case(next(c for c in CASES + VARIANTS if c.name == args.memory), args.out or "memory.json")
+        return 0
     peak = matmul_peak()
     step, _, model, _ = build_ours(Case("flops", 1))
     flops = count_flops(step)

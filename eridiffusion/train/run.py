@@ -239,8 +239,6 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     seed_everything(t_cfg.seed)  # here, so the adapter init does not depend on what the cache had to do
     trainable = TRAINABLES[t_cfg.mode](cfg, c)
     make_fast(cfg, c)
-    # train.compile: last run's compiled kernels for this key, loaded before anything compiles
-    compiled = CompileCache.for_run(cfg, fam.name, device, s.dataset.buckets, log, write=w.main)
     text_encoder = None if s.cache_text else fam.text_encoder(c, cfg.data.max_tokens)
     log(trainable.describe())
     model, synced = data_parallel(s, trainable, text_encoder, w, fsdp, log)
@@ -274,6 +272,9 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     stop = faults.StopSignals(log).install()  # SIGINT / SIGTERM: finish this step, save, exit 130 / 143
     validate = val_loss and val_loss.for_step(train_step, c.unet, text_encoder, c.text_modules())
     periodic = Periodic(cfg, total, per_epoch, runlog, save, trainable, opt, previews, validate, bar, stop, log)
+    # train.compile: last run's compiled kernels for this key, loaded before anything compiles (the
+    # first forward, below); here, so that an error before the loop cannot leave its job_id set
+    compiled = CompileCache.for_run(cfg, fam.name, device, s.dataset.buckets, log, write=w.main)
     try:
         with speed.activation_budget(t_cfg.memory_budget):  # read when the regions compile
             periodic.start(step)  # sample.at_start: the step-0 grid
