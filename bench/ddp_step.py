@@ -163,7 +163,8 @@ def main(argv=None) -> int:
         times.sort()
         mine = {"rank": w.rank, "s_per_step": times[len(times) // 2], "first_step_s": first,
                 "spread": (times[-1] - times[0]) / times[len(times) // 2], "loss": float(loss.detach()),
-                "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}  # fmt: skip
+                "peak_gib": max(torch.cuda.max_memory_allocated(device) / 2**30,  # --graph: GraphedStep resets it
+                                *getattr(step, "phase_peaks", {}).values()) if device.type == "cuda" else None}  # fmt: skip
         per_rank = [mine]
         if w.distributed:
             per_rank = [None] * w.size

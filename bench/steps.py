@@ -62,6 +62,8 @@ class GraphedStep(_Replayed):
     def __init__(self, fn, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, warmup: int = 2):
         self.fn, self.params, self.optimizer, self.warmup = fn, params, optimizer, warmup
         self.graphs: dict[tuple, tuple[list[torch.Tensor], torch.Tensor, torch.cuda.CUDAGraph]] = {}
+        # peak GiB allocated while warming up (compilation, autotuning) and while capturing, over all captures
+        self.phase_peaks = {"warmup_gib": 0.0, "capture_gib": 0.0}
 
     def _state_tensors(self) -> list[torch.Tensor]:
         state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
@@ -101,8 +103,18 @@ class GraphedStep(_Replayed):
         with torch.no_grad():
             for t, s in zip(self._state_tensors(), snapshot):
                 t.copy_(s)
+        torch.cuda.synchronize()
+        self._note_peak("warmup_gib")
         graph, loss = _capture(self.fn, static_in, {}, warmup=0)
+        torch.cuda.synchronize()
+        self._note_peak("capture_gib")
         return static_in, loss, graph
+
+    def _note_peak(self, phase: str) -> None:
+        """Keep the peak since the last reset as `phase`'s, then reset it (callers timing a first
+        step take the max of their own peak and these)."""
+        self.phase_peaks[phase] = max(self.phase_peaks[phase], torch.cuda.max_memory_allocated() / 2**30)
+        torch.cuda.reset_peak_memory_stats()
 
 
 def training_step(body, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, graph: bool = False):

@@ -285,10 +285,13 @@ def time_step(step, batch: int, warmup: int, iters: int, channels_last: bool = F
     med = times[len(times) // 2]
     torch.cuda.synchronize()
     torch.cuda.empty_cache()  # what stays reserved: the live tensors and the graphs' private pool
+    phases = getattr(step, "phase_peaks", {})  # GraphedStep: its warm-up and capture peaks (it resets the peak)
     return {
         "s_per_step": med,
         "img_per_s": batch / med,
-        "peak_gib": max(first_peak, torch.cuda.max_memory_allocated()) / 2**30,
+        "peak_gib": max(first_peak / 2**30, torch.cuda.max_memory_allocated() / 2**30, *phases.values()),
+        "warmup_peak_gib": phases.get("warmup_gib"),  # graphed: compilation, autotuning and the warm-up steps
+        "capture_peak_gib": phases.get("capture_gib"),  # graphed: the capture alone
         "steady_peak_gib": None if graphed else torch.cuda.max_memory_allocated() / 2**30,
         # graphed: the memory a replayed step holds (weights, optimizer state, the captured pool)
         "steady_reserved_gib": torch.cuda.memory_reserved() / 2**30 if graphed else None,
