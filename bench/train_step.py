@@ -283,7 +283,6 @@ def time_step(step, batch: int, warmup: int, iters: int, channels_last: bool = F
         times.append(start.elapsed_time(end) / 1e3)
     times.sort()
     med = times[len(times) // 2]
-    torch.cuda.synchronize()
     torch.cuda.empty_cache()  # what stays reserved: the live tensors and the graphs' private pool
     phases = getattr(step, "phase_peaks", {})  # GraphedStep: its warm-up and capture peaks (it resets the peak)
     return {

@@ -119,7 +119,7 @@ class CompileCache:
         self.path, self.key, self.log, self.write = Path(path), key, log, write
         self.saved_misses = _misses()  # compiles before this point (the VAE's) are not ours to save
         self.loaded = False
-        self.prior_job = torch.compiler.config.job_id
+        self.prior_job = torch.compiler.config.job_id  # the process's, before this run: close() puts it back
 
     @classmethod
     def for_run(cls, cfg, family: str, device: torch.device, buckets, log: Log = print, write: bool = True):
@@ -129,7 +129,7 @@ class CompileCache:
         allow_custom_autograd_functions()
         key = graph_key(cfg, family, device, buckets)
         cache = cls(cache_path(cfg.cache_dir, key), key, log, write)
-        job = cache.prior_job = torch.compiler.config.job_id  # the automatic-dynamic profile needs one
+        job = cache.prior_job  # the automatic-dynamic profile needs one
         if job is None or job.startswith("eridiffusion-"):
             torch.compiler.config.job_id = "eridiffusion-" + cache.path.stem
         cache.load()
