@@ -69,7 +69,15 @@ def child(stats_path: str, argv: list[str]) -> int:
         return out
 
     speed._capture = timed_capture
-    rc = main(argv)
+    profile = os.environ.get("ERI_FIRST_STEP_PROFILE")  # --profile: cProfile of the whole run, to this file
+    if profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        rc = prof.runcall(main, argv)
+        prof.dump_stats(profile)
+    else:
+        rc = main(argv)
     info = {"rc": rc, **graphs, "timers_s": {k: sum(v) for k, v in compilation_time_metrics.items()},
             "counters": {k: dict(counters[k]) for k in ("inductor", "aot_autograd", "frames", "stats")}}  # fmt: skip
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -92,7 +100,7 @@ def overrides(args, work: Path, ckpt: Path, out: Path, device: torch.device) -> 
     return sets + ["train.compile=true", "train.gradient_checkpointing=true"] + args.set
 
 
-def run_phase(args, phase: str, work: Path, ckpt: Path, device: torch.device) -> dict:
+def run_phase(args, phase: str, work: Path, ckpt: Path, device: torch.device, profile: bool = False) -> dict:
     out, inductor = work / f"run_{phase}", work / f"inductor_{phase}"
     shutil.rmtree(out, ignore_errors=True)
     compiled = work / "cache" / "compile"
@@ -111,6 +119,8 @@ def run_phase(args, phase: str, work: Path, ckpt: Path, device: torch.device) ->
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TORCHINDUCTOR_CACHE_DIR": str(inductor),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # fmt: skip
     env.pop("TRITON_CACHE_DIR", None)  # inductor keeps Triton's kernels under its own folder then
+    if profile:
+        env["ERI_FIRST_STEP_PROFILE"] = str(work / f"profile_{phase}.prof")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(stats), *argv]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -177,6 +187,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=str(REPO / "configs" / "sdxl_lora.toml"))
     ap.add_argument("--steps", type=int, default=4, help="training steps per run (a second bucket compiles in them)")
     ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--profile", action="store_true", help="run the last phase under cProfile "
+                    "(<workdir>/profile_<phase>.prof; slows Python-heavy parts such as tracing)")
     ap.add_argument("--set", action="append", default=[], metavar="section.field=value", help="extra override")
     args = ap.parse_args(argv)
     phases = [p for p in args.phases.split(",") if p]
@@ -207,8 +219,9 @@ def main(argv=None) -> int:
     subprocess.run([sys.executable, "-m", "eridiffusion.cli", *cache_argv], cwd=REPO, check=True,
                    env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL)  # fmt: skip
     emit({"stage": "cache", "s": time.perf_counter() - t0}, rows)
-    for phase in phases:
-        row = emit({"stage": "train", **run_phase(args, phase, work, ckpt, device)}, rows)
+    for i, phase in enumerate(phases):  # a phase named twice runs twice (warm twice: the second reads the first's file)
+        profile = args.profile and i == len(phases) - 1
+        row = emit({"stage": "train", "profiled": profile, **run_phase(args, phase, work, ckpt, device, profile)}, rows)
         print(f"{phase}: {row.get('time_to_first_step_s', float('nan')):.1f} s to the first step", flush=True)
     write_json(args.out, env, rows)
     print()

@@ -40,6 +40,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from eridiffusion.io import write_bytes
+from eridiffusion.speed import several_shapes
 
 MAGIC = b"eridiffusion-compile-cache 1\n"
 SUFFIX = ".torchcache"
@@ -61,7 +62,8 @@ def graph_key(cfg, family: str, device: torch.device, buckets, compile_options: 
     return {
         "torch": torch.__version__, "python": list(sys.version_info[:2]), **device_key(device),
         "family": family, "dtype": cfg.model.dtype, "fp8_matmul": getattr(t, "fp8_matmul", False),
-        "compile": {"scope": "blocks", "dynamic": None, "mode": None, "fused_qkv": True, **(compile_options or {})},
+        "compile": {"scope": "blocks", "dynamic": None, "mode": None, "fused_qkv": True,
+                    "spatial_dynamic": several_shapes(buckets), **(compile_options or {})},
         "memory_budget": t.memory_budget, "gradient_checkpointing": t.gradient_checkpointing, "mode": t.mode,
         "lora": None if t.mode != "lora" else {"type": lora.type, "rank": lora.rank, "conv_rank": lora.conv_rank,
                                                "dropout": lora.dropout, "targets": list(lora.unet_targets),

@@ -27,6 +27,38 @@ def test_regional_compile_keeps_state_dict_names_and_outputs():
         torch.testing.assert_close(unet(x, t, ctx, y), ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("spatial_dynamic", [True, False])
+def test_spatially_dynamic_regions_compile_once_for_every_bucket(spatial_dynamic):
+    """With several buckets each region compiles one graph generic in H and W from the start (a
+    square first bucket included: H and W get a symbol each); without, the second shape
+    recompiles. Outputs stay the eager ones."""
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig.tiny()).eval()
+    ctx, y, t = torch.randn(1, 77, 96), torch.randn(1, 256), torch.tensor([500])
+    shapes = [(16, 16), (16, 24), (24, 8)]  # latent sizes of three buckets, the first square
+    xs = [torch.randn(1, 4, h, w) for h, w in shapes]
+    # oneDNN off: on CPU its choice of convolution depends on the size, a guard no GPU graph has
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False):
+        refs = [unet(x, t, ctx, y) for x in xs]
+        torch._dynamo.reset()
+        counters.clear()
+        speed.compile_regions(unet, backend="eager", dynamic=None, spatial_dynamic=spatial_dynamic)
+        frames = []
+        for x, ref in zip(xs, refs):
+            torch.testing.assert_close(unet(x, t, ctx, y), ref, rtol=0, atol=0)
+            frames.append(counters["frames"]["ok"])
+    assert frames[0] > 0 and not counters["graph_break"]
+    if spatial_dynamic:
+        assert frames == [frames[0]] * 3  # no recompile for the later buckets
+    else:
+        assert frames[1] > frames[0]  # the static graphs of the first shape do not fit the second
+
+
+def test_several_shapes_counts_distinct_bucket_sizes():
+    assert not speed.several_shapes([(1024, 1024), (1024, 1024)])
+    assert speed.several_shapes([(1024, 1024), (832, 1216)])
+
+
 def test_train_compile_option_compiles_and_gives_the_same_losses(tmp_path, monkeypatch):
     prepare(tmp_path, n_images=4, log=lambda s: None)
     cfg = demo_config(tmp_path, 3).replace(sample={"every_n_steps": 0}, save={"every_n_steps": 0, "overwrite": True},

@@ -160,15 +160,16 @@ def prediction_of(cfg: TrainConfig, fam) -> str:
     return auto if cfg.train.prediction == "auto" else cfg.train.prediction
 
 
-def make_fast(cfg: TrainConfig, c: Components) -> None:
+def make_fast(cfg: TrainConfig, c: Components, buckets) -> None:
     """Gradient checkpointing, train mode, TF32 and cuDNN autotune on CUDA, self-attention q/k/v (and
-    LoRA) as one GEMM; with train.compile the family's regions, shape-generic after one recompile."""
+    LoRA) as one GEMM; with train.compile the family's regions: with several `buckets` (the
+    dataset's sizes) shape-generic in H and W from the first compile, else for the one shape."""
     c.unet.gradient_checkpointing = cfg.train.gradient_checkpointing
     speed.optimize_for_training(c.unet, compile=False, fused_qkv=True)
     if cfg.train.fp8_matmul:  # after injection: LoRA-wrapped base layers swap too; before compile
         fp8_matmul.enable_fp8_matmul(c.unet)
     if cfg.train.compile:
-        c.family.compile_regions(c.unet, dynamic=None)
+        c.family.compile_regions(c.unet, dynamic=None, spatial_dynamic=speed.several_shapes(buckets))
 
 
 def resume(resumed, resume_dir: Path, total: int, trainable, opt: optim.Optim, sampler, generators,
@@ -238,7 +239,7 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     # -- what trains: fp32 adapters over frozen weights, or the weights (train.mode) ----------
     seed_everything(t_cfg.seed)  # here, so the adapter init does not depend on what the cache had to do
     trainable = TRAINABLES[t_cfg.mode](cfg, c)
-    make_fast(cfg, c)
+    make_fast(cfg, c, s.dataset.buckets)
     text_encoder = None if s.cache_text else fam.text_encoder(c, cfg.data.max_tokens)
     log(trainable.describe())
     model, synced = data_parallel(s, trainable, text_encoder, w, fsdp, log)
