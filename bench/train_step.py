@@ -404,6 +404,89 @@ def memory_case(case: Case, path: str, top: int = 30) -> dict:
     return summary
 
 
+MARK_BASE = 2**19  # markers: 512 KiB + 512 bytes × code (small pool: cut to the exact size; no step tensor has it)
+
+
+def peak_case(case: Case, path: str, top: int = 25) -> dict:
+    """What is alive at the peak of a whole steady step (forward, backward, optimizer), after two
+    warm-up steps. Allocator events are recorded without stacks; each region (ResBlock, transformer
+    block) allocates a marker of its own size when its body starts (forward, and the checkpoint's
+    recompute in backward) and when the gradient reaches its output, so every block alive at the
+    peak is told by the region and phase that allocated it, and the peak by the last marker
+    before it. Not for graphed cases (a replay allocates nothing)."""
+    from eridiffusion.models.unet import BasicTransformerBlock, ResBlock
+
+    step, _, unet, _ = build_ours(case)
+    args = inputs(case.batch, channels_last=case.channels_last)
+    for _ in range(2):
+        step(*args)
+    torch.cuda.synchronize()
+    regions = [(n, m) for n, m in unet.named_modules() if isinstance(m, (ResBlock, BasicTransformerBlock))]
+    labels = {}
+
+    def mark(code: int) -> None:
+        torch.empty(MARK_BASE + 512 * code, dtype=torch.uint8, device="cuda")
+
+    for i, (name, m) in enumerate(regions):
+        body, start, grad = m._forward, 2 * i + 1, 2 * i + 2
+        labels[MARK_BASE + 512 * start], labels[MARK_BASE + 512 * grad] = f"{name} body", f"{name} output grad"
+
+        def marked(*a, body=body, start=start, grad=grad):
+            mark(start)
+            out = body(*a)
+            if out.requires_grad:
+                out.register_hook(lambda g: mark(grad))
+            return out
+
+        m._forward = marked
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.memory._record_memory_history(max_entries=4_000_000, context=None, stacks="python")
+    step(*args)
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    events = [e for trace in snap["device_traces"] for e in trace]
+
+    def replay(stop: int | None = None):  # the live blocks (size, phase) after `stop` events; the peak's index
+        live, now, peak, at, phase = {}, base, base, 0, "before the step"
+        for i, e in enumerate(events[:stop]):
+            if e["action"] == "alloc":
+                phase = labels.get(e["size"], phase)
+                live[e["addr"]] = (e["size"], phase)
+                now += e["size"]
+                if now > peak:
+                    peak, at = now, i + 1
+            elif e["action"] == "free_requested" and e["addr"] in live:
+                now -= live.pop(e["addr"])[0]
+        return live, peak, at, phase
+
+    _, peak, at, _ = replay()
+    live, _, _, peak_phase = replay(at)
+    peak_live = live
+    by_phase: dict[str, list] = {}
+    for size, ph in peak_live.values():
+        g = by_phase.setdefault(ph, [0, 0])
+        g[0] += size
+        g[1] += 1
+    gib = 2**30
+    largest = sorted(peak_live.values(), key=lambda v: -v[0])[:top]
+    summary = {"case": case.name, "before_step_gib": base / gib, "peak_gib": peak / gib,
+               "max_memory_allocated_gib": torch.cuda.max_memory_allocated() / gib, "peak_during": peak_phase,
+               "alive_at_peak_by_phase": [{"allocated_in": k, "gib": v[0] / gib, "blocks": v[1]}
+                                          for k, v in sorted(by_phase.items(), key=lambda kv: -kv[1][0])[:top]],
+               "largest_at_peak": [{"mib": sz / 2**20, "allocated_in": ph} for sz, ph in largest]}  # fmt: skip
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=1)
+    print(json.dumps({k: summary[k] for k in ("case", "before_step_gib", "peak_gib", "max_memory_allocated_gib",
+                                              "peak_during")}), flush=True)  # fmt: skip
+    for r in summary["alive_at_peak_by_phase"]:
+        print(f"{r['gib']:8.3f} GiB {r['blocks']:6d}  {r['allocated_in']}", flush=True)
+    for r in summary["largest_at_peak"][:12]:
+        print(f"{r['mib']:10.1f} MiB  {r['allocated_in']}", flush=True)
+    return summary
+
+
 def fp8_fidelity(unet) -> float:
     """‖UNet(x) in fp8 − UNet(x) in bf16‖ / ‖UNet(x) in bf16‖ at batch 1, eager, same weights and
     LoRA (its up weights set non-zero): the whole network's forward error from the float8 GEMMs."""
@@ -461,6 +544,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", action="store_true", help="measure our step's speed variants, no peer")
     ap.add_argument("--profile", default=None, help="write a profiler summary of this case's step")
     ap.add_argument("--memory", default=None, help="write what is alive at this case's peak (not for graphed cases)")
+    ap.add_argument("--peak", default=None, help="write what is alive at the peak of this case's whole step "
+                    "(not for graphed cases)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     args = ap.parse_args(argv)
@@ -483,6 +568,9 @@ def main(argv=None) -> int:
 
     if args.memory:
         memory_case(next(c for c in CASES + VARIANTS if c.name == args.memory), args.out or "memory.json")
+        return 0
+    if args.peak:
+        peak_case(next(c for c in CASES + VARIANTS if c.name == args.peak), args.out or "peak.json")
         return 0
     peak = matmul_peak()
     step, _, model, _ = build_ours(Case("flops", 1))
