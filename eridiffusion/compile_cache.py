@@ -16,11 +16,12 @@ foreign one is a warning line and a cold compile, never an error. Saved (atomica
 step whose compiles missed the cache, so after the first step and after a new bucket's first
 step; a run that only hit the cache writes nothing. Rank 0 writes; every rank loads.
 
-Two torch settings make the cache whole: AOTAutograd's cache accepts graphs holding an
-`autograd.Function` (`ops.lora_linear` in every LoRA'd block; off by default, so each run traced
-and partitioned every block again), and a `torch.compiler.config.job_id` keeps the
-automatic-dynamic profile, so a warm run compiles the shape-generic graphs at once instead of a
-static graph first and a shape-generic one at the second bucket.
+AOTAutograd's cache must accept graphs holding an `autograd.Function` (`ops.lora_linear` in
+every LoRA'd block; off by default, so each run traced and partitioned every block again). A run
+and the next must compile the same graphs: with several buckets the regions are shape-generic in
+H and W from the first compile (`speed.compile_regions(spatial_dynamic=True)`), in every run. No
+`torch.compiler.config.job_id` is set: its automatic-dynamic profile made the second run
+compile graphs the first had not (H200, SDXL: 2 inductor and 1 AOTAutograd miss, 11 s of codegen).
 
 Inductor's own cache folder (`TORCHINDUCTOR_CACHE_DIR`, default `/tmp/torchinductor_<user>`) is
 left where the user has it: the file refills it on a fresh machine, and a folder that outlived
@@ -121,7 +122,6 @@ class CompileCache:
         self.path, self.key, self.log, self.write = Path(path), key, log, write
         self.saved_misses = _misses()  # compiles before this point (the VAE's) are not ours to save
         self.loaded = False
-        self.prior_job = torch.compiler.config.job_id  # the process's, before this run: close() puts it back
 
     @classmethod
     def for_run(cls, cfg, family: str, device: torch.device, buckets, log: Log = print, write: bool = True):
@@ -131,16 +131,8 @@ class CompileCache:
         allow_custom_autograd_functions()
         key = graph_key(cfg, family, device, buckets)
         cache = cls(cache_path(cfg.cache_dir, key), key, log, write)
-        job = cache.prior_job  # the automatic-dynamic profile needs one
-        if job is None or job.startswith("eridiffusion-"):
-            torch.compiler.config.job_id = "eridiffusion-" + cache.path.stem
         cache.load()
         return cache
-
-    def close(self) -> None:
-        """Give back the process's `job_id`: left set, later compiles in this process (another run,
-        `eri sample --compile`, a VAE) would read this run's shape profile after `torch._dynamo.reset()`."""
-        torch.compiler.config.job_id = self.prior_job
 
     def _warn(self, what: str) -> None:
         self.log(f"warning: compile cache {self.path}: {what}; compiling from scratch (the file is rewritten)")

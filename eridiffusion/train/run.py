@@ -274,7 +274,7 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     validate = val_loss and val_loss.for_step(train_step, c.unet, text_encoder, c.text_modules())
     periodic = Periodic(cfg, total, per_epoch, runlog, save, trainable, opt, previews, validate, bar, stop, log)
     # train.compile: last run's compiled kernels for this key, loaded before anything compiles (the
-    # first forward, below); here, so that an error before the loop cannot leave its job_id set
+    # first forward, below)
     compiled = CompileCache.for_run(cfg, fam.name, device, s.dataset.buckets, log, write=w.main)
     try:
         with speed.activation_budget(t_cfg.memory_budget):  # read when the regions compile
@@ -321,8 +321,6 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     finally:
         bar.close()
         stop.restore()
-        if compiled is not None:
-            compiled.close()
     if device.type == "cuda" and fault is not None:
         torch.cuda.empty_cache()
     interrupted = interrupted or (bool(stop.signum) and step < total)  # a signal in the last step: the run is done
