@@ -25,44 +25,11 @@ purple one. At LR 3e-3 the same pairs gave 19% / 44% / 25%, at LR 6e-3 with time
 Why a bar and not a star or a ring: those differ from a disc only in fine structure (points, a
 hole), which this 11 MB model draws as blobs, and at the noise levels where that structure forms
 the caption barely steers it; a bar differs in its outline's proportions, decided at high noise,
-where the caption does steer the base model (its shape score is 100%). The star and ring attempts:
+where the caption does steer the base model (its shape score is 100%). What was tried with a
+star and a ring, and why neither was kept: docs/dev/demo_concepts.md.
 
-The star (until 2026-11-29): controls kept their before-scores (circle, square 100% →
-100%), the star score stayed 0% → 0%: the star prompt still drew mostly circles. Without the
-prior images the LoRA turned the controls into star-like blobs (circle 100% → 25%) and still drew
-no detectable star. Tried without reaching the concept: LR 2e-3 to 1e-2 (1e-2 breaks every
-prompt), 120–600 steps, cross-attention-only targets (to_k/to_v; with CFG 5 they broke the
-controls), LoCon, min-SNR 5, `train.min_timestep` 500/700 (the shape is decided at high noise,
-where the epsilon loss of a new shape is ~100x smaller than at t = 200 and barely fell: 0.0106 →
-0.0090 at t = 800), random instead of paired prior images, is_reg subsets. The VAE does
-reconstruct stars (14 of 16 detected), so the UNet is the limit.
 Caption dropout is off: the trainer drops to the encoded "", while the base model's
 unconditional input is all-zero. Offset noise 0.15 as the base model was trained with.
-
-A ring (`shapes` "ring": a disc with a hole, never seen by the base model; the detector tells
-it from a circle) was tried as the concept instead, 2026-11-29, on the CPU (rank-8 LoRA + LoCon,
-400 steps, batch 4, timesteps 500-999 unless said; 12 rings; ring / circle / square share after,
-8 seeds, or 16 where said; before: 0% / 100% / 100%, 16 seeds: 0% / 100% / 94%):
-- no prior images, LR 3e-3: 62% / 0% / 25%: the LoRA can draw rings in 400 steps, but for
-  every prompt (circles became rings);
-- this file's prior (each ring's box and colours in all four base shapes): LR 3e-3 without
-  LoCon 0% / 100% / 62%, with a text-encoder LoRA (LR 1e-3) 0% / 100% / 88%; LR 6e-3 50% / 100% / 50%; LR 6e-3 600 steps 19% / 100% / 69% (16 seeds);
-- one base shape per ring: LR 3e-3 25% / 100% / 75%; LR 6e-3 75% / 100% / 62%, but the same
-  recipe in this demo (its own 12 rings, the base shapes in turn, 16 seeds) 25% / 75% / 69%;
-  LR 4e-3 600 steps 19% / 100% / 69% (16 seeds);
-- each ring's twin circle as the prior: LR 3e-3 12% / 100% / 100%, in this demo (16 seeds)
-  0% / 94% / 75%; LR 5e-3 0% / 88% / 0% (16 seeds);
-- LR 3e-3, one base shape per ring: min-SNR gamma 0.05 over all timesteps (the x0 loss, i.e.
-  high-noise weighting) 12%; text-encoder LoRA LR 1e-2 0% (square 50%); LoRA on the pooled-text
-  MLP `label_emb` 12%; rings of side 64-100 12% (circle 62%). With all four prior shapes:
-  gamma 0.05 12%; prior_loss_weight 0.25 25%; rings
-  of side 90-124 12% (circle 0%). 24 rings x 2 repeats, the base shapes in turn, LR 6e-3 / 8e-3:
-  6% / 0%, both controls broken (16 seeds). CFG 8 instead of 5: no better.
-So the ring is learnable in the CPU budget, but tying it to its word with the controls kept needs
-LR >= 6e-3, where the square control breaks (squares drawn larger, wobbly, touching the border,
-which the detector's border-colour background reads wrong), and the outcome swings with the 12
-images' layout (75% and 25% for one recipe). The square control is fragile anyway: at 8 seeds
-one flipped image is 12.5 points, above the 10 the issue allows. No GPU sweep was run.
 """
 
 from __future__ import annotations
