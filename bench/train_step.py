@@ -360,17 +360,33 @@ def _where(frames: list[dict]) -> str:
     return "(no Python frame: autograd's backward)" if not frames else f"{frames[0].get('filename')}:{frames[0].get('line')}"
 
 
+def _warmed(case: Case):
+    """Our step for `case` after two warm-up steps: (step, forward, unet, inputs)."""
+    step, fwd, unet, _ = build_ours(case)
+    args = inputs(case.batch, channels_last=case.channels_last)
+    for _ in range(2):
+        step(*args)
+    torch.cuda.synchronize()
+    return step, fwd, unet, args
+
+
+def _sum_by(items) -> list[tuple[str, int, int]]:
+    """(key, bytes) pairs summed per key: [(key, bytes, blocks)], largest first."""
+    groups: dict[str, list] = {}
+    for key, size in items:
+        g = groups.setdefault(key, [0, 0])
+        g[0] += size
+        g[1] += 1
+    return sorted(((k, b, n) for k, (b, n) in groups.items()), key=lambda r: -r[1])
+
+
 def memory_case(case: Case, path: str, top: int = 30) -> dict:
     """Where a step's memory goes, after two warm-up steps: what was allocated before the step
     (weights, LoRA, optimizer state), what the forward leaves alive for backward, summed by the
     innermost frame of our code that allocated it (torch's allocator trace, recorded in the forward
     only: stacks recorded in autograd's backward thread failed under torch 2.11), and the peak
     the backward adds on top. Eager cases only."""
-    step, fwd, _, _ = build_ours(case)
-    args = inputs(case.batch, channels_last=case.channels_last)
-    for _ in range(2):
-        step(*args)
-    torch.cuda.synchronize()
+    step, fwd, _, args = _warmed(case)  # step kept: its optimizer state counts as "before the step"
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
@@ -387,16 +403,11 @@ def memory_case(case: Case, path: str, top: int = 30) -> dict:
             live[e["addr"]] = e
         elif e["action"] == "free_requested":
             live.pop(e["addr"], None)
-    groups: dict[str, list] = {}
-    for e in live.values():
-        g = groups.setdefault(_where(e.get("frames", [])), [0, 0])
-        g[0] += e["size"]
-        g[1] += 1
-    rows = sorted(groups.items(), key=lambda kv: -kv[1][0])
+    rows = _sum_by((_where(e.get("frames", [])), e["size"]) for e in live.values())
     gib = 2**30
     summary = {"case": case.name, "before_step_gib": base / gib, "after_forward_gib": after_forward / gib,
                "forward_peak_gib": forward_peak / gib, "peak_gib": torch.cuda.max_memory_allocated() / gib,
-               "kept_for_backward": [{"where": w, "gib": b / gib, "blocks": n} for w, (b, n) in rows[:top]]}  # fmt: skip
+               "kept_for_backward": [{"where": w, "gib": b / gib, "blocks": n} for w, b, n in rows[:top]]}  # fmt: skip
     with open(path, "w") as f:
         json.dump(summary, f, indent=1)
     print(json.dumps({k: v for k, v in summary.items() if k != "kept_for_backward"}), flush=True)
@@ -417,11 +428,7 @@ def peak_case(case: Case, path: str, top: int = 25) -> dict:
     before it. Not for graphed cases (a replay allocates nothing)."""
     from eridiffusion.models.unet import BasicTransformerBlock, ResBlock
 
-    step, _, unet, _ = build_ours(case)
-    args = inputs(case.batch, channels_last=case.channels_last)
-    for _ in range(2):
-        step(*args)
-    torch.cuda.synchronize()
+    step, _, unet, args = _warmed(case)
     regions = [(n, m) for n, m in unet.named_modules() if isinstance(m, (ResBlock, BasicTransformerBlock))]
     labels = {}
 
@@ -464,18 +471,12 @@ def peak_case(case: Case, path: str, top: int = 25) -> dict:
 
     _, peak, at, _ = replay()
     live, _, _, peak_phase = replay(at)
-    peak_live = live
-    by_phase: dict[str, list] = {}
-    for size, ph in peak_live.values():
-        g = by_phase.setdefault(ph, [0, 0])
-        g[0] += size
-        g[1] += 1
     gib = 2**30
-    largest = sorted(peak_live.values(), key=lambda v: -v[0])[:top]
+    largest = sorted(live.values(), key=lambda v: -v[0])[:top]
     summary = {"case": case.name, "before_step_gib": base / gib, "peak_gib": peak / gib,
                "max_memory_allocated_gib": torch.cuda.max_memory_allocated() / gib, "peak_during": peak_phase,
-               "alive_at_peak_by_phase": [{"allocated_in": k, "gib": v[0] / gib, "blocks": v[1]}
-                                          for k, v in sorted(by_phase.items(), key=lambda kv: -kv[1][0])[:top]],
+               "alive_at_peak_by_phase": [{"allocated_in": ph, "gib": b / gib, "blocks": n}
+                                          for ph, b, n in _sum_by((ph, size) for size, ph in live.values())[:top]],
                "largest_at_peak": [{"mib": sz / 2**20, "allocated_in": ph} for sz, ph in largest]}  # fmt: skip
     with open(path, "w") as f:
         json.dump(summary, f, indent=1)
