@@ -43,6 +43,14 @@ TIMERS = ("_compile.compile_inner", "backward._backward_impl", "bytecode_tracing
           "fx_codegen_and_compile", "async_compile.wait", "PyCodeCache.load_by_key_path")  # fmt: skip
 
 
+def write_bytecode() -> float:
+    """compileall over torch's site-packages and eridiffusion; returns the seconds it took."""
+    t0 = time.perf_counter()
+    dirs = [str(Path(torch.__file__).parents[1]), str(REPO / "eridiffusion")]
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", *dirs], stdout=subprocess.DEVNULL, check=False)
+    return time.perf_counter() - t0
+
+
 # ---------------------------------------------------------------- the `eri train` child
 def child(stats_path: str, argv: list[str]) -> int:
     """`eri train argv` in this process, with torch's compile timers, the cache counters and the
@@ -190,6 +198,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="run the last phase under cProfile "
                     "(<workdir>/profile_<phase>.prof; slows Python-heavy parts such as tracing)")
     ap.add_argument("--set", action="append", default=[], metavar="section.field=value", help="extra override")
+    ap.add_argument("--bytecode", action="store_true", help="first write the .pyc files of torch's site-packages "
+                    "and eridiffusion (compileall), as pip does at install; for a Python that has none and writes "
+                    "none (PYTHONDONTWRITEBYTECODE), where every run compiles what it imports from source")
     args = ap.parse_args(argv)
     phases = [p for p in args.phases.split(",") if p]
     if unknown := set(phases) - set(PHASES):
@@ -207,6 +218,8 @@ def main(argv=None) -> int:
         env["compile_threads"] = inductor_config.compile_threads
     except ImportError:
         pass
+    if args.bytecode:
+        env["bytecode_s"] = write_bytecode()
     print(json.dumps({"env": env}), flush=True)
     rows: list[dict] = []
     if not ckpt.is_file():

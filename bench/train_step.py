@@ -19,6 +19,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,7 @@ class Case:
     cudnn_benchmark: bool = True  # cuDNN autotuning (its trial workspaces count in the first step's peak)
     dynamic: bool | None = False  # torch.compile's dynamic: None is what `eri train` uses (shape-generic after a recompile)
     fp8: bool = False  # train.fp8_matmul: the frozen transformer GEMMs in float8 (eridiffusion.fp8_matmul)
+    lora: str = "plain"  # how LoRA layers run in compiled regions (eridiffusion.ops.COMPILED): "plain" or "function"
 
 
 CASES = [  # ours as `eri train` runs it (fused q/k/v); the peer runs the eager and checkpointing rows
@@ -58,12 +60,15 @@ CASES = [  # ours as `eri train` runs it (fused q/k/v); the peer runs the eager 
     Case("b4_eager", 4, fused_qkv=True),
     Case("b4_compile", 4, compile=True, fused_qkv=True),
     Case("b4_graph", 4, compile=True, graph=True, fused_qkv=True),
+    Case("b4_graph_fn", 4, compile=True, graph=True, fused_qkv=True, lora="function"),
     Case("b4_graph_mem0.6", 4, compile=True, graph=True, fused_qkv=True, memory_budget=0.6),
+    Case("b4_graph_mem0.8", 4, compile=True, graph=True, fused_qkv=True, memory_budget=0.8),
     Case("b4_graph_fp8", 4, compile=True, graph=True, fused_qkv=True, fp8=True),
     Case("b8_eager", 8, fused_qkv=True),
     Case("b8_graph", 8, compile=True, graph=True, fused_qkv=True),
     Case("b8_checkpointing", 8, checkpointing=True, fused_qkv=True),
     Case("b8_checkpointing_graph", 8, compile=True, checkpointing=True, graph=True, fused_qkv=True),
+    Case("b8_checkpointing_graph_fn", 8, compile=True, checkpointing=True, graph=True, fused_qkv=True, lora="function"),
 ]
 # Variants of our step measured one change at a time (bench/train_step.py --variants).
 VARIANTS = [
@@ -86,6 +91,7 @@ VARIANTS = [
     Case("b4_graph_blocks_cl", 4, compile=True, channels_last=True, graph=True),
     Case("b4_graph_blocks_mem0.7", 4, compile=True, graph=True, memory_budget=0.7),
     Case("b4_graph_blocks_mem0.4", 4, compile=True, graph=True, memory_budget=0.4),
+    Case("b4_graph_fused_mem0.9", 4, compile=True, graph=True, fused_qkv=True, memory_budget=0.9),
     Case("b1_graph_fused", 1, graph=True, fused_qkv=True),
     Case("b4_graph_blocks_fused", 4, compile=True, graph=True, fused_qkv=True),
     Case("b4_eager_fused", 4, fused_qkv=True),
@@ -341,7 +347,7 @@ def profile_case(case: Case, path: str) -> dict:
     summary = {"case": case.name, "wall_s_per_step": wall, "gpu_busy_s": busy,
                "idle_share": max(0.0, 1 - busy / wall),
                "share": {k: v / wall for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
-               "top_kernels": [{"s": s_, "name": n, "category": c} for s_, n, c in kernels[:15]]}
+               "top_kernels": [{"s": s_, "name": n, "category": c} for s_, n, c in kernels[:40]]}
     with open(path, "w") as f:
         json.dump(summary, f, indent=1)
     print(json.dumps({k: summary[k] for k in ("case", "wall_s_per_step", "idle_share", "share")}), flush=True)
@@ -509,6 +515,8 @@ def fp8_fidelity(unet) -> float:
 
 
 def run_case(impl: str, case: Case, flops_per_image: float, peak: float, warmup: int, iters: int) -> dict:
+    from eridiffusion import ops
+
     build = build_ours if impl == "eridiffusion" else build_peer
     budget = contextlib.ExitStack()  # settings read when the regions compile, in the first step
     if case.memory_budget is not None:
@@ -520,7 +528,8 @@ def run_case(impl: str, case: Case, flops_per_image: float, peak: float, warmup:
            "attn": case.attn, "mode": case.mode, "graph": case.graph, "graph_backward": case.graph_backward,
            "memory_budget": case.memory_budget, "fused_qkv": case.fused_qkv and impl == "eridiffusion",
            "inductor": dict(case.inductor), "cudnn_benchmark": case.cudnn_benchmark, "dynamic": case.dynamic,
-           "fp8": case.fp8}
+           "fp8": case.fp8, "lora": case.lora}
+    budget.enter_context(mock.patch.object(ops, "COMPILED", case.lora))  # read when the regions trace
     with budget:
         built = build(case)
         step, model = built[0], built[2]

@@ -16,8 +16,9 @@ foreign one is a warning line and a cold compile, never an error. Saved (atomica
 step whose compiles missed the cache, so after the first step and after a new bucket's first
 step; a run that only hit the cache writes nothing. Rank 0 writes; every rank loads.
 
-AOTAutograd's cache must accept graphs holding an `autograd.Function` (`ops.lora_linear` in
-every LoRA'd block; off by default, so each run traced and partitioned every block again). A run
+AOTAutograd's cache must accept graphs holding an `autograd.Function` (`fp8_matmul`'s linear,
+`ops.lora_linear` with `ops.COMPILED = "function"`; off by default, so each run traced and
+partitioned every such block again). A run
 and the next must compile the same graphs: with several buckets the regions are shape-generic in
 H and W from the first compile (`speed.compile_regions(spatial_dynamic=True)`), in every run. No
 `torch.compiler.config.job_id` is set: its automatic-dynamic profile made the second run
@@ -81,10 +82,10 @@ def cache_path(folder: str | Path, key: dict) -> Path:
 
 
 def allow_custom_autograd_functions() -> None:
-    """Let AOTAutograd cache graphs holding an `autograd.Function` (`ops.lora_linear` is one in
-    every LoRA'd block): off by default in torch, and then every block bypasses that cache and is
-    traced and partitioned again in each run. The function's forward and backward are traced into
-    the graph, so the cache key covers them."""
+    """Let AOTAutograd cache graphs holding an `autograd.Function` (`fp8_matmul`'s linear in every
+    transformer block with `train.fp8_matmul`): off by default in torch, and then such a block
+    bypasses that cache and is traced and partitioned again in each run. The function's forward
+    and backward are traced into the graph, so the cache key covers them."""
     cfg = torch._functorch.config
     if hasattr(cfg, "autograd_cache_allow_custom_autograd_functions"):
         cfg.autograd_cache_allow_custom_autograd_functions = True

@@ -180,6 +180,7 @@ class TrainSection:
     cuda_graph: bool = False  # replay forward + backward from CUDA graphs (one per bucket shape)
     fp8_matmul: bool = False  # LoRA: the frozen base's transformer GEMMs in float8 (eridiffusion/fp8_matmul.py; CUDA ≥ 8.9)
     memory_budget: float = 1.0  # with compile: share of activations the compiled regions keep (< 1 recomputes)
+    cudnn_benchmark: bool = False  # CUDA: cuDNN times its convolution algorithms at each new shape (seconds per bucket)
     max_grad_norm: float = 1.0  # 0 = no clipping
     lora_dtype: Literal["fp32", "bf16"] = "fp32"  # the trained adapter weights and their optimizer state
     prediction: Literal["auto", "epsilon", "v_prediction"] = "auto"

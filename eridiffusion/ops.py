@@ -71,12 +71,30 @@ def _plain(out: torch.Tensor, bias: torch.Tensor | None, update: torch.Tensor | 
     return out if update is None else out + update
 
 
+# How `lora_linear` runs inside torch.compile'd regions: "plain" matmuls and adds, which dynamo
+# traces as ops and whose saved tensors the partitioner chooses, or "function": the eager
+# `_LoRALinear`, which dynamo traces forward and backward (about 1.3 s more tracing for SDXL,
+# bench/trace_regions.py). The benchmark's `lora` field switches it (bench/train_step.py).
+COMPILED = "plain"
+
+
 def lora_linear(x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor], bias: torch.Tensor | None,
                 down: torch.Tensor | None, up: torch.Tensor | None) -> torch.Tensor:
     """x (…, in) → x Wᵀ + b + (x downᵀ) upᵀ; `up` carries the scale; all in x's dtype. `weight`
     may be a sequence of row blocks of W (frozen), concatenated on the fly and never saved."""
     weights = (weight,) if torch.is_tensor(weight) else tuple(weight)
+    if COMPILED == "plain" and torch.compiler.is_compiling():
+        return _traced_lora_linear(x, weights, bias, down, up)
     return _LoRALinear.apply(x, bias, down, up, *weights)
+
+
+def _traced_lora_linear(x, weights, bias, down, up) -> torch.Tensor:
+    """`lora_linear` as plain ops for a compiled graph. The LoRA branch reshapes x on its own, so
+    in backward the two halves of x's gradient are added as views (`_plain`), not as `mm + c`."""
+    weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+    x2, shape = x.reshape(-1, x.shape[-1]), (*x.shape[:-1], weight.shape[0])
+    update = None if down is None else F.linear(F.linear(x, down), up)
+    return _plain((x2 @ weight.t()).view(shape), bias, update)
 
 
 def linear_parts(layer: nn.Module, dtype: torch.dtype):

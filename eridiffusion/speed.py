@@ -22,11 +22,12 @@ from .models.unet import BasicTransformerBlock, CrossAttention, ResBlock, UNet
 SCOPES = ("none", "blocks")
 
 
-def set_fast_math() -> None:
-    """TF32 for the few fp32 matmuls/convs left (LoRA factors in fp32), cuDNN autotuning."""
+def set_fast_math(cudnn_benchmark: bool = True) -> None:
+    """TF32 for the few fp32 matmuls/convs left (LoRA factors in fp32); cuDNN autotuning, which
+    costs seconds at each new shape (SDXL batch 4 on an H200: 10–16 s per bucket, bench/new_bucket.py)."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
 # The input dims of each region that change with the aspect bucket: (argument index, dims).
@@ -110,14 +111,14 @@ def fuse_qkv(unet: UNet, on: bool = True) -> int:
 
 def optimize_for_training(
     unet: UNet, compile: bool = True, scope: str = "blocks", channels_last: bool = False, mode: str | None = None,
-    backend: str = "inductor", dynamic: bool | None = False, fused_qkv: bool = False,
+    backend: str = "inductor", dynamic: bool | None = False, fused_qkv: bool = False, cudnn_benchmark: bool = True,
 ) -> UNet:
     """Make `unet` fast for LoRA training on CUDA (in place) and return it. Regional compile
     measured +21% at batch 4 on an H100 (docs/benchmarks.md); the first step compiles (~50 s)."""
     unet.train()
     fuse_qkv(unet, fused_qkv)
     if torch.cuda.is_available():
-        set_fast_math()
+        set_fast_math(cudnn_benchmark)
     if channels_last:
         unet.to(memory_format=torch.channels_last)
     if compile:

@@ -66,13 +66,16 @@ def test_conv2d_with_a_trainable_weight_is_plain_conv2d():
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="CPU inductor needs a C++ compiler (g++)")
 @pytest.mark.parametrize("bias", [False, True])
-def test_compiled_lora_linear_adds_without_addmm(tmp_path, monkeypatch, bias):
+@pytest.mark.parametrize("compiled", ["plain", "function"])
+def test_compiled_lora_linear_adds_without_addmm(tmp_path, monkeypatch, bias, compiled):
     """Inside inductor graphs the LoRA update (and the bias) are plain adds: inductor turns
     `mm + c` with a full-size c into addmm, which first copies c into the output (one device copy
-    per layer and step, bench/kernels.py), unless the adds see views. Same numbers as eager."""
+    per layer and step, bench/kernels.py), unless the adds see views. Same numbers as eager,
+    whether the graph holds plain ops or the autograd.Function (`ops.COMPILED`)."""
     from torch._inductor.utils import run_and_get_code
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # compiled here, not loaded from a cache
+    monkeypatch.setattr(ops, "COMPILED", compiled)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 24, 32, generator=g)
     w, b = torch.randn(48, 32, generator=g), torch.randn(48, generator=g) if bias else None

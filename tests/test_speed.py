@@ -262,3 +262,27 @@ def test_every_sdxl_block_compiles_none_is_left_eager_by_the_recompile_limit():
         unet(x, torch.tensor([10]), ctx, torch.randn(1, 2816, dtype=torch.bfloat16))
     assert counters["stats"]["unique_graphs"] == 16
     assert counters["frames"]["total"] == counters["frames"]["ok"] == 16
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_cudnn_autotuning_follows_the_setting(monkeypatch, on):
+    """train.cudnn_benchmark reaches cuDNN (off by default: seconds at every new bucket)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the CUDA branch, run on the CPU
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not on)
+    speed.optimize_for_training(UNet(UNetConfig.tiny()), compile=False, cudnn_benchmark=on)
+    assert torch.backends.cudnn.benchmark is on
+
+
+def test_train_passes_its_cudnn_setting(monkeypatch):
+    from types import SimpleNamespace
+
+    from eridiffusion.config import TrainConfig
+    from eridiffusion.families import FAMILIES
+    from eridiffusion.train import run
+
+    seen = {}
+    monkeypatch.setattr(speed, "optimize_for_training", lambda unet, **kw: seen.update(kw))
+    c = SimpleNamespace(unet=UNet(UNetConfig.tiny()), family=FAMILIES["sdxl-tiny"])
+    assert TrainConfig().train.cudnn_benchmark is False
+    run.make_fast(TrainConfig.from_dict({"train": {"cudnn_benchmark": True}}), c, [(64, 64)])
+    assert seen["cudnn_benchmark"] is True

@@ -161,11 +161,12 @@ def prediction_of(cfg: TrainConfig, fam) -> str:
 
 
 def make_fast(cfg: TrainConfig, c: Components, buckets) -> None:
-    """Gradient checkpointing, train mode, TF32 and cuDNN autotune on CUDA, self-attention q/k/v (and
-    LoRA) as one GEMM; with train.compile the family's regions: with several `buckets` (the
-    dataset's sizes) shape-generic in H and W from the first compile, else for the one shape."""
+    """Gradient checkpointing, train mode, TF32 (and cuDNN autotuning with train.cudnn_benchmark) on
+    CUDA, self-attention q/k/v (and LoRA) as one GEMM; with train.compile the family's regions: with
+    several `buckets` (the dataset's sizes) shape-generic in H and W from the first compile, else
+    for the one shape."""
     c.unet.gradient_checkpointing = cfg.train.gradient_checkpointing
-    speed.optimize_for_training(c.unet, compile=False, fused_qkv=True)
+    speed.optimize_for_training(c.unet, compile=False, fused_qkv=True, cudnn_benchmark=cfg.train.cudnn_benchmark)
     if cfg.train.fp8_matmul:  # after injection: LoRA-wrapped base layers swap too; before compile
         fp8_matmul.enable_fp8_matmul(c.unet)
     if cfg.train.compile:

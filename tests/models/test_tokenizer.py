@@ -22,7 +22,7 @@ import torch
 from transformers import CLIPTokenizer as HFCLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode as hf_bytes_to_unicode
 
-from eridiffusion.models.tokenizer import VOCAB_PATH, CLIPTokenizer, pretokenizer
+from eridiffusion.models.tokenizer import VOCAB_PATH, CLIPTokenizer, ascii_pretokenizer, pretokenizer
 
 CAT = [49406, 320, 1125, 539, 320, 2368, 49407]
 
@@ -192,6 +192,22 @@ def test_pretokenizer_matches_regex_module_on_all_code_points():
     spaced = " ".join(assigned[i : i + 7] for i in range(0, len(assigned), 7))  # exercise whitespace too
     for text in (assigned, spaced, "it's we'll <|endoftext|>x '''d"):
         assert pretokenizer().findall(text) == reference.findall(text)
+
+
+def test_ascii_pretokenizer_splits_ascii_text_as_the_full_pattern(te1, monkeypatch):
+    """ASCII text skips the full pattern (built from every code point's category): same words on
+    every ASCII character, alone, in runs and spaced; a non-ASCII caption still takes the full one."""
+    ascii_chars = "".join(map(chr, range(128)))
+    texts = [ascii_chars, " ".join(ascii_chars), ascii_chars[::-1] * 3, "it's we'll <|endoftext|>x '''d 12ab_c-d"]
+    for text in texts:
+        assert ascii_pretokenizer().findall(text) == pretokenizer().findall(text)
+    full = pretokenizer()
+    calls = []
+    monkeypatch.setattr("eridiffusion.models.tokenizer.pretokenizer", lambda: calls.append(1) or full)
+    te1.encode("a photo of sks dog, 4k (masterpiece:1.2)")
+    assert calls == []
+    te1.encode("café 猫")
+    assert calls == [1]
 
 
 def test_decode_round_trip(te1):
