@@ -20,7 +20,9 @@ AOTAutograd's cache must accept graphs holding an `autograd.Function` (`fp8_matm
 `ops.lora_linear` with `ops.COMPILED = "function"`; off by default, so each run traced and
 partitioned every such block again). A run
 and the next must compile the same graphs: with several buckets the regions are shape-generic in
-H and W from the first compile (`speed.compile_regions(spatial_dynamic=True)`), in every run. No
+H and W from the first compile (`speed.compile_regions(spatial_dynamic=True)`), in every run,
+whichever the buckets (so they share one file: inductor and AOTAutograd check each cached graph's
+shape guards when they look it up, and a graph whose guards fail is compiled and added). No
 `torch.compiler.config.job_id` is set: its automatic-dynamic profile made the second run
 compile graphs the first had not (H200, SDXL: 2 inductor and 1 AOTAutograd miss, 11 s of codegen).
 
@@ -59,8 +61,12 @@ def device_key(device: torch.device) -> dict:
 
 def graph_key(cfg, family: str, device: torch.device, buckets, compile_options: dict | None = None) -> dict:
     """Everything a compiled UNet block graph depends on (a `config.TrainConfig` run on `device`;
-    `buckets`: the dataset's (h, w) pixel sizes). Equal keys, equal graphs."""
+    `buckets`: the dataset's (h, w) pixel sizes). Equal keys, equal graphs. One bucket compiles
+    graphs for its shape; several compile graphs generic in height and width, which serve any set
+    of several buckets, so the key holds the bucket itself or only that there are several: a
+    second dataset with other buckets starts from the first one's file."""
     t, lora = cfg.train, cfg.lora
+    sizes = sorted([int(h), int(w)] for h, w in set(buckets))
     return {
         "torch": torch.__version__, "python": list(sys.version_info[:2]), **device_key(device),
         "family": family, "dtype": cfg.model.dtype, "fp8_matmul": getattr(t, "fp8_matmul", False),
@@ -72,7 +78,7 @@ def graph_key(cfg, family: str, device: torch.device, buckets, compile_options: 
                                                "dora": lora.dora, "factor": lora.factor,
                                                "decompose_both": lora.decompose_both, "dtype": t.lora_dtype},
         "batch_size": t.batch_size, "max_tokens": cfg.data.max_tokens,
-        "buckets": sorted([int(h), int(w)] for h, w in set(buckets)),
+        "buckets": "several" if several_shapes(buckets) else sizes,
     }  # fmt: skip
 
 

@@ -20,15 +20,19 @@ from eridiffusion.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 
-# A LoRA'd block (ops.lora_linear is an autograd.Function, as in the UNet's blocks), compiled with
-# inductor, forward + backward at each (batch, tokens) shape in argv[3]; prints torch's counters.
+# A LoRA'd block (ops.lora_linear as an autograd.Function: what fp8_matmul's linear is too), compiled
+# with inductor, forward + backward at each (batch, tokens) shape in argv[3], the tokens dim symbolic
+# from the first compile when argv[4] says "marked" (as `eri train` with several buckets); prints
+# torch's counters.
 CHILD = r"""
 import json, sys
 import torch
 from torch import nn
 from torch._dynamo.utils import counters
-from eridiffusion import ops
+from eridiffusion import ops, speed
 from eridiffusion.compile_cache import CompileCache, allow_custom_autograd_functions
+
+ops.COMPILED = "function"
 
 class Block(nn.Module):
     def __init__(self):
@@ -45,6 +49,8 @@ cache.load()
 torch.manual_seed(0)
 block = Block()
 block._forward = torch.compile(block._forward, backend="inductor", dynamic=None)
+if sys.argv[4] == "marked":
+    block._forward = speed._SpatiallyDynamic(block._forward, ((0, (1,)),))
 for b, n in json.loads(sys.argv[3]):
     block._forward(torch.randn(b, n, 16)).sum().backward()
     cache.after_step()
@@ -52,12 +58,13 @@ print("COUNTERS " + json.dumps({k: dict(counters[k]) for k in ("inductor", "aot_
 """
 
 
-def run_child(tmp_path: Path, name: str, file: Path, key: dict, shapes) -> tuple[dict, str]:
+def run_child(tmp_path: Path, name: str, file: Path, key: dict, shapes, marked: bool = False) -> tuple[dict, str]:
     """One fresh process with an empty inductor cache folder of its own: hits can only come from `file`."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{name}"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # fmt: skip
     env.pop("TRITON_CACHE_DIR", None)
-    p = subprocess.run([sys.executable, "-c", CHILD, str(file), json.dumps(key), json.dumps(shapes)], env=env,
+    argv = [str(file), json.dumps(key), json.dumps(shapes), "marked" if marked else "static first"]
+    p = subprocess.run([sys.executable, "-c", CHILD, *argv], env=env,
                        capture_output=True, text=True, timeout=600)  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
     counters = json.loads(p.stdout.split("COUNTERS ", 1)[1])
@@ -80,6 +87,20 @@ def test_a_second_process_loads_the_file_and_compiles_nothing(tmp_path):
     assert "compile cache: saved" not in out  # nothing new compiled: the file is left alone
 
 
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="CPU inductor needs a C++ compiler (g++)")
+def test_shape_generic_graphs_serve_other_buckets_from_the_file(tmp_path):
+    """With several buckets the graphs are generic in the spatial dims from their first compile, so
+    a run on other buckets (another dataset) finds every graph in the first run's file."""
+    key, file = {"family": "toy", "shapes": "several"}, tmp_path / "cache" / "toy.torchcache"
+    cold, out = run_child(tmp_path, "cold", file, key, [[2, 8], [2, 12]], marked=True)
+    assert cold["inductor"]["fxgraph_cache_miss"] > 0
+    assert len(re.findall(r"^compile cache: saved ", out, re.M)) == 1  # the second shape compiled nothing
+    other, out = run_child(tmp_path, "other", file, key, [[2, 20], [2, 6], [2, 9]], marked=True)
+    assert other["inductor"].get("fxgraph_cache_miss", 0) == 0 and other["inductor"]["fxgraph_cache_hit"] > 0
+    assert other["aot_autograd"].get("autograd_cache_miss", 0) == 0
+    assert "compile cache: saved" not in out
+
+
 def test_keys_change_with_what_changes_the_graphs(tmp_path):
     prepare(tmp_path, n_images=2, log=lambda s: None)
     cfg, cpu = demo_config(tmp_path, 1), torch.device("cpu")
@@ -97,9 +118,11 @@ def test_keys_change_with_what_changes_the_graphs(tmp_path):
     ]
     paths = {cache_path(tmp_path, k) for k in [base, *variants]}
     assert len(paths) == 1 + len(variants)
-    # the same buckets in another order or repeated (one per image) are the same key
+    # several buckets, whichever (shape-generic graphs), are one key; one bucket is a key of its own
     assert graph_key(cfg, "sdxl-tiny", cpu, [(96, 160), (128, 128), (96, 160)]) == graph_key(
-        cfg, "sdxl-tiny", cpu, [(128, 128), (96, 160)])  # fmt: skip
+        cfg, "sdxl-tiny", cpu, [(64, 192), (160, 96)])  # fmt: skip
+    assert graph_key(cfg, "sdxl-tiny", cpu, [(96, 160)]) != base
+    assert graph_key(cfg, "sdxl-tiny", cpu, [(128, 128), (128, 128)]) == base
     assert cache_path(tmp_path, base).parent == tmp_path / "compile"
 
 
