@@ -18,11 +18,11 @@ step; a run that only hit the cache writes nothing. Rank 0 writes; every rank lo
 
 AOTAutograd's cache must accept graphs holding an `autograd.Function` (`fp8_matmul`'s linear,
 `ops.lora_linear` with `ops.COMPILED = "function"`; off by default, so each run traced and
-partitioned every such block again). A run
-and the next must compile the same graphs: with several buckets the regions are shape-generic in
-H and W from the first compile (`speed.compile_regions(spatial_dynamic=True)`), in every run,
-whichever the buckets (so they share one file: inductor and AOTAutograd check each cached graph's
-shape guards when they look it up, and a graph whose guards fail is compiled and added). No
+partitioned every such block again). A run and the next must compile the same graphs: with
+several buckets the regions are shape-generic in H and W from the first compile
+(`speed.compile_regions(spatial_dynamic=True)`), in every run, whichever the buckets (so they
+share one file: inductor and AOTAutograd check each cached graph's shape guards when they look it
+up, and a graph whose guards fail is compiled and added). No
 `torch.compiler.config.job_id` is set: its automatic-dynamic profile made the second run
 compile graphs the first had not (H200, SDXL: 2 inductor and 1 AOTAutograd miss, 11 s of codegen).
 

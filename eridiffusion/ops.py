@@ -73,8 +73,9 @@ def _plain(out: torch.Tensor, bias: torch.Tensor | None, update: torch.Tensor | 
 
 # How `lora_linear` runs inside torch.compile'd regions: "plain" matmuls and adds, which dynamo
 # traces as ops and whose saved tensors the partitioner chooses, or "function": the eager
-# `_LoRALinear`, which dynamo traces forward and backward (about 1.3 s more tracing for SDXL,
-# bench/trace_regions.py). The benchmark's `lora` field switches it (bench/train_step.py).
+# `_LoRALinear`, which dynamo traces forward and backward. After AOTAutograd both are the same
+# graphs (SDXL on an H200, docs/benchmarks.md); "plain" needs no custom-Function support in
+# AOTAutograd's cache. The benchmark's `lora` field switches it (bench/train_step.py).
 COMPILED = "plain"
 
 
