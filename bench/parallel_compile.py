@@ -102,6 +102,25 @@ def record_groups(unet: nn.Module) -> list[tuple[nn.Module, list]]:
     return list(groups.values())
 
 
+def watch_misses(unet: nn.Module, counters) -> list:
+    """The blocks whose call compiled a graph no cache held, with their inputs' shapes and strides
+    (filled as the main process trains)."""
+    from eridiffusion.models.unet import BasicTransformerBlock, ResBlock
+
+    missed = []
+    for name, m in unet.named_modules():
+        if isinstance(m, (ResBlock, BasicTransformerBlock)):
+            def watched(*a, fn=m._forward, name=name):
+                before = counters["aot_autograd"]["autograd_cache_miss"]
+                out = fn(*a)
+                if counters["aot_autograd"]["autograd_cache_miss"] > before:
+                    missed.append([name, [[list(t.shape), list(t.stride())] if torch.is_tensor(t) else t for t in a]])
+                return out
+
+            m._forward = watched
+    return missed
+
+
 WORKER = r"""
 import pickle, sys, torch
 sys.path.insert(0, sys.argv[2])
@@ -156,6 +175,7 @@ def main(argv=None) -> int:
     rcs = [p.wait() for p in procs]
     t_workers = time.perf_counter() - t0
     speed.compile_regions(unet, dynamic=None, spatial_dynamic=True)
+    missed = watch_misses(unet, counters)
     t1 = time.perf_counter()
     for h, w in BUCKETS[: args.buckets]:
         x, t, ctx, y = inputs(h, w)
@@ -166,7 +186,7 @@ def main(argv=None) -> int:
            "fxgraph_miss": counters["inductor"]["fxgraph_cache_miss"],
            "autograd_hit": counters["aot_autograd"]["autograd_cache_hit"],
            "autograd_miss": counters["aot_autograd"]["autograd_cache_miss"],
-           "frames": counters["frames"]["ok"]}  # fmt: skip
+           "frames": counters["frames"]["ok"], "missed_blocks": missed}  # fmt: skip
     print(json.dumps(row), flush=True)
     write_json(args.out, {"torch": torch.__version__, "cpus": os.cpu_count()}, [row])
     return 0 if not any(rcs) else 1
