@@ -60,7 +60,6 @@ CASES = [  # ours as `eri train` runs it (fused q/k/v); the peer runs the eager 
     Case("b4_eager", 4, fused_qkv=True),
     Case("b4_compile", 4, compile=True, fused_qkv=True),
     Case("b4_graph", 4, compile=True, graph=True, fused_qkv=True),
-    Case("b4_graph_fn", 4, compile=True, graph=True, fused_qkv=True, lora="function"),
     Case("b4_graph_mem0.6", 4, compile=True, graph=True, fused_qkv=True, memory_budget=0.6),
     Case("b4_graph_mem0.8", 4, compile=True, graph=True, fused_qkv=True, memory_budget=0.8),
     Case("b4_graph_fp8", 4, compile=True, graph=True, fused_qkv=True, fp8=True),
@@ -68,7 +67,6 @@ CASES = [  # ours as `eri train` runs it (fused q/k/v); the peer runs the eager 
     Case("b8_graph", 8, compile=True, graph=True, fused_qkv=True),
     Case("b8_checkpointing", 8, checkpointing=True, fused_qkv=True),
     Case("b8_checkpointing_graph", 8, compile=True, checkpointing=True, graph=True, fused_qkv=True),
-    Case("b8_checkpointing_graph_fn", 8, compile=True, checkpointing=True, graph=True, fused_qkv=True, lora="function"),
 ]
 # Variants of our step measured one change at a time (bench/train_step.py --variants).
 VARIANTS = [
@@ -92,6 +90,8 @@ VARIANTS = [
     Case("b4_graph_blocks_mem0.7", 4, compile=True, graph=True, memory_budget=0.7),
     Case("b4_graph_blocks_mem0.4", 4, compile=True, graph=True, memory_budget=0.4),
     Case("b4_graph_fused_mem0.9", 4, compile=True, graph=True, fused_qkv=True, memory_budget=0.9),
+    Case("b4_graph_fn", 4, compile=True, graph=True, fused_qkv=True, lora="function"),
+    Case("b8_checkpointing_graph_fn", 8, compile=True, checkpointing=True, graph=True, fused_qkv=True, lora="function"),
     Case("b1_graph_fused", 1, graph=True, fused_qkv=True),
     Case("b4_graph_blocks_fused", 4, compile=True, graph=True, fused_qkv=True),
     Case("b4_eager_fused", 4, fused_qkv=True),

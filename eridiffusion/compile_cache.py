@@ -65,20 +65,19 @@ def graph_key(cfg, family: str, device: torch.device, buckets, compile_options: 
     graphs for its shape; several compile graphs generic in height and width, which serve any set
     of several buckets, so the key holds the bucket itself or only that there are several: a
     second dataset with other buckets starts from the first one's file."""
-    t, lora = cfg.train, cfg.lora
-    sizes = sorted([int(h), int(w)] for h, w in set(buckets))
+    t, lora, several = cfg.train, cfg.lora, several_shapes(buckets)
     return {
         "torch": torch.__version__, "python": list(sys.version_info[:2]), **device_key(device),
         "family": family, "dtype": cfg.model.dtype, "fp8_matmul": getattr(t, "fp8_matmul", False),
         "compile": {"scope": "blocks", "dynamic": None, "mode": None, "fused_qkv": True,
-                    "spatial_dynamic": several_shapes(buckets), **(compile_options or {})},
+                    "spatial_dynamic": several, **(compile_options or {})},
         "memory_budget": t.memory_budget, "gradient_checkpointing": t.gradient_checkpointing, "mode": t.mode,
         "lora": None if t.mode != "lora" else {"type": lora.type, "rank": lora.rank, "conv_rank": lora.conv_rank,
                                                "dropout": lora.dropout, "targets": list(lora.unet_targets),
                                                "dora": lora.dora, "factor": lora.factor,
                                                "decompose_both": lora.decompose_both, "dtype": t.lora_dtype},
         "batch_size": t.batch_size, "max_tokens": cfg.data.max_tokens,
-        "buckets": "several" if several_shapes(buckets) else sizes,
+        "buckets": "several" if several else sorted([int(h), int(w)] for h, w in set(buckets)),
     }  # fmt: skip
 
 
