@@ -43,10 +43,12 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
+from eridiffusion import precompile
 from eridiffusion.io import write_bytes
 from eridiffusion.speed import several_shapes
 
-MAGIC = b"eridiffusion-compile-cache 1\n"
+MAGIC = b"eridiffusion-compile-cache 2\n"
+FAMILY_MAGIC = b"eridiffusion-compile-cache "
 SUFFIX = ".torchcache"
 Log = Callable[[str], None]
 
@@ -124,19 +126,25 @@ class CompileCache:
     """The cache file of one key: `load()` before the first compiled call, `after_step()` after
     each optimizer step (saves when something compiled since the last save)."""
 
-    def __init__(self, path: str | Path, key: dict, log: Log = print, write: bool = True):
-        self.path, self.key, self.log, self.write = Path(path), key, log, write
+    def __init__(self, path: str | Path, key: dict, log: Log = print, write: bool = True,
+                 regions: precompile.Regions | None = None):  # fmt: skip
+        self.path, self.key, self.log, self.write, self.regions = Path(path), key, log, write, regions
         self.saved_misses = _misses()  # compiles before this point (the VAE's) are not ours to save
+        self.saved_variants = 0
         self.loaded = False
 
     @classmethod
     def for_run(cls, cfg, family: str, device: torch.device, buckets, log: Log = print, write: bool = True):
-        """The run's cache, loaded; None without `train.compile` or with `cache.compile` off."""
+        """The run's cache, loaded; None without `train.compile` or with `cache.compile` off. With
+        `cache.precompile` (and a torch that has it; not with FSDP) it carries the regions'
+        precompiled graphs too: `regions`, for `speed.compile_regions(precompiled=...)`."""
         if not (cfg.train.compile and getattr(cfg.cache, "compile", True)):
             return None
         allow_custom_autograd_functions()
         key = graph_key(cfg, family, device, buckets)
-        cache = cls(cache_path(cfg.cache_dir, key), key, log, write)
+        use = getattr(cfg.cache, "precompile", True) and not cfg.train.fsdp and precompile.available()
+        key["precompile"] = use
+        cache = cls(cache_path(cfg.cache_dir, key), key, log, write, precompile.Regions(log=log) if use else None)
         cache.load()
         return cache
 
@@ -159,8 +167,9 @@ class CompileCache:
         except ValueError as e:
             self._warn(str(e))
             return False
+        artifacts, regions = payload
         try:
-            info = torch.compiler.load_cache_artifacts(payload)
+            info = torch.compiler.load_cache_artifacts(artifacts)
         except Exception as e:  # torch's own format or version check
             self._warn(f"torch could not load it ({type(e).__name__}: {e})")
             return False
@@ -168,14 +177,23 @@ class CompileCache:
             self._warn("torch could not read its artifacts")
             return False
         self.loaded = True
+        traced = ""
+        if self.regions is not None and regions:
+            try:  # after the artifacts: a precompiled graph's kernels come from inductor's cache
+                traced = f" and {self.regions.loads(regions)} precompiled block graphs"
+            except Exception as e:
+                self.log(f"warning: compile cache {self.path}: its precompiled block graphs did not load "
+                         f"({type(e).__name__}: {str(e)[:200]}); the blocks are traced again")  # fmt: skip
         self.log(f"compile cache: loaded {len(info.inductor_artifacts)} inductor and {len(info.aot_autograd_artifacts)} "
-                 f"autograd graphs ({len(data) / 2**20:.1f} MiB) from {self.path}")  # fmt: skip
+                 f"autograd graphs{traced} ({len(data) / 2**20:.1f} MiB) from {self.path}")  # fmt: skip
         return True
 
-    def _payload(self, data: bytes) -> bytes:
-        """The artifact bytes after checking the header; ValueError (one line) when they do not fit."""
+    def _payload(self, data: bytes) -> tuple[bytes, bytes]:
+        """(inductor's artifact bytes, the precompiled regions' bytes) after checking the header;
+        ValueError (one line) when they do not fit."""
         if not data.startswith(MAGIC):
-            raise ValueError("not a compile-cache file")
+            raise ValueError("written by another eridiffusion version" if data.startswith(FAMILY_MAGIC)
+                             else "not a compile-cache file")  # fmt: skip
         end = data.find(b"\n", len(MAGIC))
         try:
             header = json.loads(data[len(MAGIC) : end])
@@ -188,26 +206,37 @@ class CompileCache:
             raise ValueError("damaged (checksum mismatch)")
         if header.get("key") != self.key:
             raise ValueError("written for another configuration")
-        return payload
+        n = header.get("artifacts")
+        if not isinstance(n, int) or not 0 <= n <= len(payload):
+            raise ValueError("damaged header")
+        return payload[:n], payload[n:]
 
     def save(self) -> bool:
         """Write every artifact this process compiled or loaded (atomically); False when there
         was nothing to write or writing failed (a warning: the run goes on)."""
         self.saved_misses = _misses()
+        self.saved_variants = self._variants()
         result = _serialize()
         if result is None or not self.write:
             return False
-        payload, info = result
-        header = json.dumps({"key": self.key, "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest()})
+        artifacts, info = result
+        regions = self.regions.dumps() if self.regions is not None else b""
+        payload = artifacts + regions
+        header = json.dumps({"key": self.key, "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
+                             "artifacts": len(artifacts)})  # fmt: skip
         try:
             write_bytes(self.path, MAGIC + header.encode() + b"\n" + payload)
         except Exception as e:  # a full disk or read-only cache folder costs the next run a compile, not this run
             self.log(f"warning: compile cache {self.path} not written: {e}")
             return False
+        traced = f" and {sum(map(len, self.regions.blobs.values()))} precompiled block graphs" if regions else ""
         self.log(f"compile cache: saved {len(info.inductor_artifacts)} inductor and {len(info.aot_autograd_artifacts)} "
-                 f"autograd graphs ({(len(payload) + len(header)) / 2**20:.1f} MiB) to {self.path}")  # fmt: skip
+                 f"autograd graphs{traced} ({(len(payload) + len(header)) / 2**20:.1f} MiB) to {self.path}")  # fmt: skip
         return True
+
+    def _variants(self) -> int:
+        return 0 if self.regions is None else self.regions.compiled
 
     def after_step(self) -> bool:
         """Save when a compile since the last save missed the cache (the first step, a new bucket)."""
-        return self.save() if _misses() > self.saved_misses else False
+        return self.save() if _misses() > self.saved_misses or self._variants() > self.saved_variants else False

@@ -214,6 +214,7 @@ class CacheConfig:
     text: bool = True  # ignored (off) while the text encoder is trained
     dir: str = ""  # "" = <save.output_dir>/cache
     compile: bool = True  # with train.compile: keep the compiled kernels in <dir>/compile for the next run
+    precompile: bool = True  # with compile: keep the traced block graphs too (torch's AOT precompile, torch >= 2.10)
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ def several_shapes(buckets) -> bool:
 
 def compile_regions(
     unet: UNet, scope: str = "blocks", mode: str | None = None, backend: str = "inductor", dynamic: bool | None = False,
-    spatial_dynamic: bool = False,
+    spatial_dynamic: bool = False, precompiled=None,
 ) -> int:
     """Compile regions of `unet` in place; returns how many modules were wrapped.
 
@@ -74,7 +74,9 @@ def compile_regions(
     shape-generic graph instead of one set of graphs per bucket (past the recompile limit torch
     silently runs a region eagerly); `False` specialises on the one shape of a benchmark.
     `spatial_dynamic` (a dataset of several buckets): the regions' spatial dims are symbolic from
-    the first compile (`_SpatiallyDynamic`), one generic graph per region."""
+    the first compile (`_SpatiallyDynamic`), one generic graph per region. `precompiled` (a
+    `precompile.Regions`): the regions run its saved or AOT-compiled variants instead, which a later
+    process loads without tracing (`dynamic` is then None; `spatial_dynamic` the same)."""
     if scope not in SCOPES:
         raise ValueError(f"compile scope {scope!r} unknown; use one of {SCOPES}")
     if scope == "none":
@@ -83,6 +85,10 @@ def compile_regions(
     # SDXL has 14 differently shaped ResBlocks; past torch's default of 8 graphs per function
     # the rest would run eagerly, silently.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(regions))
+    if precompiled is not None:
+        precompiled.spatial = SPATIAL_DIMS if spatial_dynamic else {}
+        precompiled.backend, precompiled.mode = backend, mode
+        return precompiled.install(regions)
     for m in regions:  # the block body: a checkpoint around it stays outside the graph
         m._forward = torch.compile(m._forward, backend=backend, mode=mode, dynamic=dynamic)
         if spatial_dynamic:

@@ -160,17 +160,18 @@ def prediction_of(cfg: TrainConfig, fam) -> str:
     return auto if cfg.train.prediction == "auto" else cfg.train.prediction
 
 
-def make_fast(cfg: TrainConfig, c: Components, buckets) -> None:
+def make_fast(cfg: TrainConfig, c: Components, buckets, precompiled=None) -> None:
     """Gradient checkpointing, train mode, TF32 (and cuDNN autotuning with train.cudnn_benchmark) on
     CUDA, self-attention q/k/v (and LoRA) as one GEMM; with train.compile the family's regions: with
     several `buckets` (the dataset's sizes) shape-generic in H and W from the first compile, else
-    for the one shape."""
+    for the one shape; `precompiled` (the compile cache's `precompile.Regions`): run those."""
     c.unet.gradient_checkpointing = cfg.train.gradient_checkpointing
     speed.optimize_for_training(c.unet, compile=False, fused_qkv=True, cudnn_benchmark=cfg.train.cudnn_benchmark)
     if cfg.train.fp8_matmul:  # after injection: LoRA-wrapped base layers swap too; before compile
         fp8_matmul.enable_fp8_matmul(c.unet)
     if cfg.train.compile:
-        c.family.compile_regions(c.unet, dynamic=None, spatial_dynamic=speed.several_shapes(buckets))
+        c.family.compile_regions(c.unet, dynamic=None, spatial_dynamic=speed.several_shapes(buckets),
+                                 precompiled=precompiled)  # fmt: skip
 
 
 def resume(resumed, resume_dir: Path, total: int, trainable, opt: optim.Optim, sampler, generators,
@@ -240,7 +241,9 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     # -- what trains: fp32 adapters over frozen weights, or the weights (train.mode) ----------
     seed_everything(t_cfg.seed)  # here, so the adapter init does not depend on what the cache had to do
     trainable = TRAINABLES[t_cfg.mode](cfg, c)
-    make_fast(cfg, c, s.dataset.buckets)
+    # train.compile: last run's compiled code for this key, loaded before anything compiles
+    compiled = CompileCache.for_run(cfg, fam.name, device, s.dataset.buckets, log, write=w.main)
+    make_fast(cfg, c, s.dataset.buckets, compiled and compiled.regions)
     text_encoder = None if s.cache_text else fam.text_encoder(c, cfg.data.max_tokens)
     log(trainable.describe())
     model, synced = data_parallel(s, trainable, text_encoder, w, fsdp, log)
@@ -274,9 +277,6 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     stop = faults.StopSignals(log).install()  # SIGINT / SIGTERM: finish this step, save, exit 130 / 143
     validate = val_loss and val_loss.for_step(train_step, c.unet, text_encoder, c.text_modules())
     periodic = Periodic(cfg, total, per_epoch, runlog, save, trainable, opt, previews, validate, bar, stop, log)
-    # train.compile: last run's compiled kernels for this key, loaded before anything compiles (the
-    # first forward, below)
-    compiled = CompileCache.for_run(cfg, fam.name, device, s.dataset.buckets, log, write=w.main)
     try:
         with speed.activation_budget(t_cfg.memory_budget):  # read when the regions compile
             periodic.start(step)  # sample.at_start: the step-0 grid

@@ -1,0 +1,176 @@
+"""Precompiled regions: each UNet block graph saved whole and loaded without tracing.
+
+`torch.compile` on a block traces its Python with dynamo at every process start (SDXL on an
+H200: 8.7 s of a warm run's first step), even when inductor and AOTAutograd answer from the
+compile cache. torch's AOT precompile (`torch.compile(fn, fullgraph=True).aot_compile(example)`)
+captures one call's graph, guards, AOTAutograd forward/backward and inductor code as an object
+that serialises (`AOTCompiledFunction`); a later process deserialises it and calls it with no
+tracing at all. Here each region body (`ResBlock._forward`, `BasicTransformerBlock._forward`) is
+compiled as the unbound function `type(block)._forward(block, *args)`: the block is an input
+(parameters too, as torch inlines built-in modules), so one compiled variant serves every block
+of the same structure.
+
+`Regions` keeps, per group of alike blocks (type, parameter and buffer metadata), the variants
+compiled so far, and dispatches each call to the first whose guards pass (shapes, strides,
+dtypes, requires_grad, the module's attributes; a memo keyed by the arguments' metadata skips the
+check on repeat calls). A call that no variant accepts compiles one more: with `spatial` the
+inputs' spatial dims are marked dynamic first (several buckets share one graph), else the
+variant is specialised on the shape. A block that does not compile as one graph (a graph break,
+a guard torch cannot serialise) falls back to plain `torch.compile` for its group, with one
+log line. `dumps()` / `loads()` carry the variants across processes (`compile_cache.py` keeps
+them in the run's cache file with inductor's artifacts, whose kernels a loaded variant needs).
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import pickle
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+FORMAT = 1
+Log = Callable[[str], None]
+
+
+def available() -> bool:
+    """Whether this torch has AOT precompile (`torch._dynamo.aot_compile`, torch ≥ 2.10)."""
+    try:
+        from torch._dynamo.aot_compile import AOTCompiledFunction  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(torch._dynamo.config, "enable_aot_compile")
+
+
+def group_of(module: nn.Module) -> str:
+    """What a block's compiled graph depends on besides its arguments: its class and its
+    parameters' and buffers' names, shapes, dtypes, devices and requires_grad."""
+    cls = type(module)
+    tensors = [(n, tuple(t.shape), str(t.dtype), t.device.type, t.requires_grad)
+               for n, t in [*module.named_parameters(), *module.named_buffers()]]  # fmt: skip
+    return repr((f"{cls.__module__}.{cls.__qualname__}", tensors))
+
+
+def _signature(module: nn.Module, args: tuple) -> tuple:
+    """The call's metadata a guard looks at, as a memo key (not a guard: a miss re-checks)."""
+    meta = tuple((tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad) if isinstance(a, torch.Tensor) else a
+                 for a in args)  # fmt: skip
+    return meta, module.training, torch.is_grad_enabled()
+
+
+class Regions:
+    """The compiled variants of a UNet's regions, by group; `install` routes the blocks' bodies here."""
+
+    def __init__(self, spatial: dict[type, tuple] | None = None, backend: str = "inductor", mode: str | None = None,
+                 log: Log = print):  # fmt: skip
+        self.spatial, self.backend, self.mode, self.log = spatial or {}, backend, mode, log
+        self.variants: dict[str, list] = {}  # group → [AOTCompiledFunction]
+        self.blobs: dict[str, list[bytes]] = {}  # group → their serialised bytes, in the same order
+        self.homes: dict[str, str] = {}  # group → the Python module of its block class (the code's globals)
+        self.fallback: dict[str, Callable] = {}  # group → torch.compile'd function (no precompile)
+        self.memo: dict[tuple, object] = {}
+        self.compiled = 0  # variants compiled (not loaded) by this process
+
+    def install(self, regions: list[nn.Module]) -> int:
+        for m in regions:
+            m._forward = _Region(self, m, group_of(m))
+        return len(regions)
+
+    def call(self, module: nn.Module, group: str, args: tuple):
+        if group in self.fallback:
+            return self.fallback[group](module, *self._marked(module, args))
+        key = (id(module), _signature(module, args))  # guards are checked once per block and call shape
+        fn = self.memo.get(key)
+        if fn is None:
+            fn = next((v for v in self.variants.get(group, ()) if v.guard_check(module, *args)), None)
+            fn = fn or self._compile(module, group, args)
+            if fn is None:
+                return self.fallback[group](module, *args)  # marked by _compile
+            self.memo[key] = fn
+        return fn.fn(module, *args)
+
+    def _compile(self, module: nn.Module, group: str, args: tuple):
+        """AOT-compile `type(module)._forward` at these arguments; None (and a fallback) when it cannot."""
+        from torch._dynamo.aot_compile import AOTCompiledFunction
+
+        self._marked(module, args)
+        fn = type(module)._forward
+        # torch (2.11, 2.13) pickles each parameter's .grad into the guard state as a placeholder
+        # that fails to load ("assigned grad expected to be a Tensor"): compile with none
+        grads = {p: p.grad for p in module.parameters() if p.grad is not None}
+        try:  # torch 2.11 has it off by default; torch.compile reads it when it wraps `fn`
+            for p in grads:
+                p.grad = None
+            with torch._dynamo.config.patch(enable_aot_compile=True):
+                compiled = torch.compile(fn, fullgraph=True, backend=self.backend, mode=self.mode).aot_compile(
+                    ((module, *args), {})
+                )
+            blob = AOTCompiledFunction.serialize(compiled).serialized_data
+        except Exception as e:  # a graph break or an unserialisable guard: plain torch.compile for the group
+            self.log(f"compile: {type(module).__name__} blocks compile without precompile ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:160] if str(e) else ''}); their tracing is repeated in every run")  # fmt: skip
+            self.fallback[group] = torch.compile(fn, backend=self.backend, mode=self.mode, dynamic=None)
+            return None
+        finally:
+            for p, g in grads.items():
+                p.grad = g
+        self.variants.setdefault(group, []).append(compiled)
+        self.blobs.setdefault(group, []).append(blob)
+        self.homes[group] = type(module).__module__
+        self.compiled += 1
+        return compiled
+
+    def _marked(self, module: nn.Module, args: tuple) -> tuple:
+        """`args`, their spatial dims marked dynamic (`spatial`: several buckets share one graph)."""
+        for i, dims in next((d for c, d in self.spatial.items() if isinstance(module, c)), ()):
+            if i < len(args) and isinstance(args[i], torch.Tensor):
+                torch._dynamo.maybe_mark_dynamic(args[i], dims)
+        return args
+
+    def dumps(self) -> bytes:
+        """Every variant, serialised (loaded ones and those compiled here)."""
+        return pickle.dumps({"format": FORMAT, "torch": torch.__version__, "groups": self.blobs, "homes": self.homes})
+
+    def loads(self, data: bytes) -> int:
+        """Add the variants of `dumps()` bytes; returns how many. Raises ValueError on another
+        format or torch, and whatever torch raises on a variant it cannot load."""
+        from torch._dynamo.aot_compile import AOTCompiledFunction
+
+        state = pickle.load(io.BytesIO(data))
+        if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("torch") != torch.__version__:
+            raise ValueError("precompiled regions of another format or torch version")
+        n = 0
+        for group, blobs in state["groups"].items():
+            home = importlib.import_module(state["homes"][group])
+            for blob in blobs:
+                fn = AOTCompiledFunction.deserialize(blob, f_globals=vars(home))
+                self.variants.setdefault(group, []).append(fn)
+                self.blobs.setdefault(group, []).append(blob)
+                n += 1
+            self.homes[group] = state["homes"][group]
+        self.memo.clear()
+        return n
+
+
+class _Region:
+    """A block's `_forward`, routed to its group's compiled variants."""
+
+    def __init__(self, regions: Regions, module: nn.Module, group: str):
+        self.regions, self.module, self.group = regions, module, group
+
+    def __call__(self, *args):
+        return self.regions.call(self.module, self.group, args)
+
+    def __reduce__(self):
+        """Pickled as a stub: torch pickles the block (with this attribute) into each variant's
+        guard state, where the variants compiled so far must not follow."""
+        return _Stub, (self.group,)
+
+
+class _Stub:
+    """What a `_Region` unpickles to: not callable in another process's sense, only a name."""
+
+    def __init__(self, group: str):
+        self.group = group

@@ -1,0 +1,170 @@
+"""Precompiled regions (eridiffusion/precompile.py): a process that loads the compile-cache file
+runs the blocks without tracing or compiling anything, with eager's numbers; a call no variant
+accepts compiles one more; a block that cannot be one graph falls back to torch.compile."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from eridiffusion import precompile
+
+REPO = Path(__file__).resolve().parent.parent
+needs_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                               reason="CPU inductor needs a C++ compiler (g++)")  # fmt: skip
+needs_aot = pytest.mark.skipif(not precompile.available(), reason="this torch has no AOT precompile")
+
+# Two blocks of one structure and one of another (a LoRA'd linear, as ops.lora_linear computes it in
+# compiled regions), through precompile.Regions and the compile-cache file at argv[1]; forward +
+# backward at each (batch, tokens) shape of argv[2], tokens marked dynamic when argv[3] == "marked".
+# Prints the outputs' and gradients' largest difference from eager, and torch's counters.
+CHILD = r"""
+import json, sys
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+from eridiffusion import ops, precompile
+from eridiffusion.compile_cache import CompileCache
+
+class Block(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.norm, self.proj = nn.LayerNorm(width), nn.Linear(width, width).requires_grad_(False)
+        self.down, self.up = nn.Parameter(torch.randn(4, width) / 4), nn.Parameter(torch.randn(width, 4) / 4)
+
+    def _forward(self, x):
+        return x + torch.nn.functional.gelu(ops.lora_linear(self.norm(x), self.proj.weight, self.proj.bias, self.down, self.up))
+
+    def forward(self, x):
+        return self._forward(x)
+
+torch.manual_seed(0)
+blocks = nn.Sequential(Block(16), Block(16), nn.Linear(16, 24, bias=False).requires_grad_(False), Block(24))
+eager = [b._forward for b in blocks if isinstance(b, Block)]
+regions = precompile.Regions(spatial={Block: ((0, (1,)),)} if sys.argv[3] == "marked" else {})
+cache = CompileCache(sys.argv[1], {"family": "toy"}, regions=regions)
+cache.load()
+regions.install([b for b in blocks if isinstance(b, Block)])
+diff = 0.0
+for b, n in json.loads(sys.argv[2]):
+    x = torch.randn(b, n, 16)
+    out = blocks(x)
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in blocks.parameters() if p.requires_grad]
+    for p in blocks.parameters():  # kept allocated, as with a CUDA graph: the next compile sees them
+        if p.grad is not None:
+            p.grad.zero_()
+    cache.after_step()
+    for blk, fn in zip([b for b in blocks if isinstance(b, Block)], eager):
+        blk._forward, compiled = fn, blk._forward
+    ref = blocks(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [p for p in blocks.parameters() if p.requires_grad])
+    for blk in [b for b in blocks if isinstance(b, Block)]:
+        blk._forward = precompile._Region(regions, blk, precompile.group_of(blk))
+    diff = max(diff, (out - ref).abs().max().item(), *[(g - r).abs().max().item() for g, r in zip(grads, ref_grads)])
+print("RESULT " + json.dumps({"diff": diff, "compiled": regions.compiled, "fallback": len(regions.fallback),
+                              "frames": dict(counters["frames"]),
+                              "stats": dict(counters["stats"]), "inductor": dict(counters["inductor"])}))
+"""
+
+
+def run_child(tmp_path: Path, name: str, file: Path, shapes, marked: bool = False) -> tuple[dict, str]:
+    """A fresh process with an empty inductor folder of its own: what it does not compile comes from `file`."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{name}"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    env.pop("TRITON_CACHE_DIR", None)
+    argv = [str(file), json.dumps(shapes), "marked" if marked else "static"]
+    p = subprocess.run([sys.executable, "-c", CHILD, *argv], env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.split("RESULT ", 1)[1]), p.stdout
+
+
+@needs_cxx
+@needs_aot
+def test_a_second_process_runs_the_saved_graphs_without_tracing(tmp_path):
+    file = tmp_path / "cache" / "toy.torchcache"
+    cold, out = run_child(tmp_path, "cold", file, [[2, 8], [2, 12]], marked=True)
+    assert cold["diff"] < 1e-4 and cold["fallback"] == 0
+    # generic in the tokens dim: one variant per structure and input (the first block's input needs
+    # no gradient, the second's does; the 24-wide block)
+    assert cold["compiled"] == 3
+    assert len(re.findall(r"^compile cache: saved .* and 3 precompiled block graphs", out, re.M)) == 1
+    warm, out = run_child(tmp_path, "warm", file, [[2, 8], [2, 12], [2, 5]], marked=True)
+    assert "and 3 precompiled block graphs" in out and "compile cache: saved" not in out
+    assert warm["diff"] < 1e-4 and warm["compiled"] == 0
+    assert warm["frames"].get("total", 0) == 0  # dynamo traced nothing
+    assert warm["inductor"].get("fxgraph_cache_miss", 0) == 0
+
+
+@needs_cxx
+@needs_aot
+def test_a_shape_no_variant_accepts_compiles_one_more_and_saves_it(tmp_path):
+    file = tmp_path / "cache" / "toy.torchcache"
+    cold, out = run_child(tmp_path, "cold", file, [[2, 8]])
+    assert cold["compiled"] == 3
+    more, out = run_child(tmp_path, "more", file, [[2, 8], [2, 12]])  # static variants: 12 tokens is new
+    assert more["compiled"] == 3 and more["diff"] < 1e-4
+    assert "and 6 precompiled block graphs" in out  # saved with the loaded ones
+    again, out = run_child(tmp_path, "again", file, [[2, 12], [2, 8]])
+    assert again["compiled"] == 0 and again["frames"].get("total", 0) == 0
+
+
+class _Breaks(nn.Module):
+    """A block dynamo cannot capture as one graph (a Python branch on a tensor's value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def _forward(self, x):
+        y = self.lin(x)
+        return y * 2 if float(y.sum()) > 0 else y - 1
+
+
+def test_a_block_that_is_not_one_graph_falls_back_to_torch_compile():
+    torch.manual_seed(0)
+    block, lines = _Breaks(), []
+    regions = precompile.Regions(backend="eager", log=lines.append)
+    regions.install([block])
+    x = torch.randn(3, 8)
+    for sign in (1, -1):
+        expected = _Breaks._forward(block, sign * x)
+        assert torch.equal(block._forward(sign * x), expected)
+    assert len(lines) == 1 and lines[0].startswith("compile: _Breaks blocks compile without precompile (")
+    assert regions.compiled == 0 and list(regions.fallback) == [precompile.group_of(block)]
+
+
+def test_a_routed_block_still_pickles():
+    """torch pickles the block into each variant's guard state: the route must not drag the
+    variants compiled before along (their guard managers do not pickle)."""
+    block = _Breaks()
+    regions = precompile.Regions()
+    regions.variants["x"] = [object()]  # stands for a compiled variant: not picklable by reference
+    regions.install([block])
+    copy = pickle.loads(pickle.dumps(block))
+    assert isinstance(copy._forward, precompile._Stub) and copy._forward.group == precompile.group_of(block)
+
+
+def test_groups_follow_structure_not_values():
+    a, b, c = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 5)
+    b.weight.data += 1
+    assert precompile.group_of(a) == precompile.group_of(b) != precompile.group_of(c)
+    b.weight.requires_grad_(False)
+    assert precompile.group_of(a) != precompile.group_of(b)
+
+
+def test_bytes_of_another_format_or_torch_are_refused():
+    regions = precompile.Regions()
+    for state in ({"format": precompile.FORMAT + 1, "torch": torch.__version__, "groups": {}, "homes": {}},
+                  {"format": precompile.FORMAT, "torch": "0.1", "groups": {}, "homes": {}}):  # fmt: skip
+        with pytest.raises(ValueError, match="another format or torch version"):
+            regions.loads(pickle.dumps(state))
