@@ -144,7 +144,9 @@ class CompileCache:
         key = graph_key(cfg, family, device, buckets)
         use = getattr(cfg.cache, "precompile", True) and not cfg.train.fsdp and precompile.available()
         key["precompile"] = use
-        cache = cls(cache_path(cfg.cache_dir, key), key, log, write, precompile.Regions(log=log) if use else None)
+        workers = precompile.workers_for(cfg.train.compile_workers)
+        cache = cls(cache_path(cfg.cache_dir, key), key, log, write,
+                    precompile.Regions(log=log, workers=workers) if use else None)  # fmt: skip
         cache.load()
         return cache
 
@@ -168,24 +170,26 @@ class CompileCache:
             self._warn(str(e))
             return False
         artifacts, regions = payload
-        try:
-            info = torch.compiler.load_cache_artifacts(artifacts)
-        except Exception as e:  # torch's own format or version check
-            self._warn(f"torch could not load it ({type(e).__name__}: {e})")
-            return False
-        if info is None:
-            self._warn("torch could not read its artifacts")
-            return False
+        loaded = []
+        if artifacts:
+            try:
+                info = torch.compiler.load_cache_artifacts(artifacts)
+            except Exception as e:  # torch's own format or version check
+                self._warn(f"torch could not load it ({type(e).__name__}: {e})")
+                return False
+            if info is None:
+                self._warn("torch could not read its artifacts")
+                return False
+            loaded.append(f"{len(info.inductor_artifacts)} inductor and {len(info.aot_autograd_artifacts)} autograd graphs")
         self.loaded = True
-        traced = ""
         if self.regions is not None and regions:
-            try:  # after the artifacts: a precompiled graph's kernels come from inductor's cache
-                traced = f" and {self.regions.loads(regions)} precompiled block graphs"
+            try:  # after the artifacts: a fallback block's kernels come from inductor's cache
+                loaded.append(f"{self.regions.loads(regions)} precompiled block graphs")
             except Exception as e:
                 self.log(f"warning: compile cache {self.path}: its precompiled block graphs did not load "
                          f"({type(e).__name__}: {str(e)[:200]}); the blocks are traced again")  # fmt: skip
-        self.log(f"compile cache: loaded {len(info.inductor_artifacts)} inductor and {len(info.aot_autograd_artifacts)} "
-                 f"autograd graphs{traced} ({len(data) / 2**20:.1f} MiB) from {self.path}")  # fmt: skip
+        self.log(f"compile cache: loaded {' and '.join(loaded) or 'nothing'} ({len(data) / 2**20:.1f} MiB) "
+                 f"from {self.path}")  # fmt: skip
         return True
 
     def _payload(self, data: bytes) -> tuple[bytes, bytes]:
@@ -216,11 +220,18 @@ class CompileCache:
         was nothing to write or writing failed (a warning: the run goes on)."""
         self.saved_misses = _misses()
         self.saved_variants = self._variants()
-        result = _serialize()
-        if result is None or not self.write:
+        if not self.write:
             return False
-        artifacts, info = result
-        regions = self.regions.dumps() if self.regions is not None else b""
+        parts, artifacts, regions = [], b"", b""
+        if self.regions is None or self.regions.fallback or not self.regions.blobs:
+            result = _serialize()  # a precompiled graph carries its own kernels: then these are not needed
+            if result is None:
+                return False
+            artifacts, info = result
+            parts.append(f"{len(info.inductor_artifacts)} inductor and {len(info.aot_autograd_artifacts)} autograd graphs")
+        if self.regions is not None and self.regions.blobs:
+            regions = self.regions.dumps()
+            parts.append(f"{sum(map(len, self.regions.blobs.values()))} precompiled block graphs")
         payload = artifacts + regions
         header = json.dumps({"key": self.key, "size": len(payload), "sha256": hashlib.sha256(payload).hexdigest(),
                              "artifacts": len(artifacts)})  # fmt: skip
@@ -229,14 +240,21 @@ class CompileCache:
         except Exception as e:  # a full disk or read-only cache folder costs the next run a compile, not this run
             self.log(f"warning: compile cache {self.path} not written: {e}")
             return False
-        traced = f" and {sum(map(len, self.regions.blobs.values()))} precompiled block graphs" if regions else ""
-        self.log(f"compile cache: saved {len(info.inductor_artifacts)} inductor and {len(info.aot_autograd_artifacts)} "
-                 f"autograd graphs{traced} ({(len(payload) + len(header)) / 2**20:.1f} MiB) to {self.path}")  # fmt: skip
+        self.log(f"compile cache: saved {' and '.join(parts)} ({(len(payload) + len(header)) / 2**20:.1f} MiB) "
+                 f"to {self.path}")  # fmt: skip
         return True
 
     def _variants(self) -> int:
         return 0 if self.regions is None else self.regions.compiled
 
+    def prepare(self) -> bool:
+        """Compile the block graphs the regions recorded (in parallel: `precompile.Regions.flush`);
+        True when there were any. The CUDA-graph path calls it before a capture, `after_step` after
+        an eager step."""
+        return self.regions is not None and self.regions.flush()
+
     def after_step(self) -> bool:
-        """Save when a compile since the last save missed the cache (the first step, a new bucket)."""
+        """Compile what the step recorded; save when a compile since the last save missed the
+        cache (the first step, a new bucket)."""
+        self.prepare()
         return self.save() if _misses() > self.saved_misses or self._variants() > self.saved_variants else False

@@ -23,10 +23,14 @@ them in the run's cache file with inductor's artifacts, whose kernels a loaded v
 
 from __future__ import annotations
 
+import copy
 import importlib
 import io
+import multiprocessing
+import os
 import pickle
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 from torch import nn
@@ -42,6 +46,12 @@ def available() -> bool:
     except ImportError:
         return False
     return hasattr(torch._dynamo.config, "enable_aot_compile")
+
+
+def workers_for(setting: int) -> int:
+    """`train.compile_workers` as the number of processes `Regions` compiles in (1: this one, as
+    calls come; more is experimental: refused with train.cuda_graph, config.py says why)."""
+    return max(1, setting)
 
 
 def group_of(module: nn.Module) -> str:
@@ -64,8 +74,9 @@ class Regions:
     """The compiled variants of a UNet's regions, by group; `install` routes the blocks' bodies here."""
 
     def __init__(self, spatial: dict[type, tuple] | None = None, backend: str = "inductor", mode: str | None = None,
-                 log: Log = print):  # fmt: skip
-        self.spatial, self.backend, self.mode, self.log = spatial or {}, backend, mode, log
+                 log: Log = print, workers: int = 1):  # fmt: skip
+        self.spatial, self.backend, self.mode, self.log, self.workers = spatial or {}, backend, mode, log, workers
+        self.pending: dict[tuple, tuple[nn.Module, tuple]] = {}  # workers > 1: calls recorded for `flush`
         self.variants: dict[str, list] = {}  # group → [AOTCompiledFunction]
         self.blobs: dict[str, list[bytes]] = {}  # group → their serialised bytes, in the same order
         self.homes: dict[str, str] = {}  # group → the Python module of its block class (the code's globals)
@@ -85,6 +96,9 @@ class Regions:
         fn = self.memo.get(key)
         if fn is None:
             fn = next((v for v in self.variants.get(group, ()) if v.guard_check(module, *args)), None)
+            if fn is None and self.workers > 1:  # recorded for flush(); meanwhile eager, as torch would
+                self.pending.setdefault((group, _signature(module, args)), (module, args))
+                return type(module)._forward(module, *args)
             fn = fn or self._compile(module, group, args)
             if fn is None:
                 return self.fallback[group](module, *args)  # marked by _compile
@@ -122,6 +136,40 @@ class Regions:
         self.compiled += 1
         return compiled
 
+    def flush(self) -> bool:
+        """Compile the calls recorded since the last flush (`workers` > 1), in up to `workers`
+        processes at once, and add their variants; True when there were any. A call whose
+        compile failed in its worker compiles here when it comes again."""
+        if not self.pending:
+            return False
+        pending, self.pending = list(self.pending.items()), {}
+        jobs = [_job(module, group, args, self) for (group, _), (module, args) in pending]
+        n = min(self.workers, len(jobs))
+        self.log(f"compile: {len(jobs)} block graphs in {n} processes")
+        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+        threads = max(1, (os.cpu_count() or 1) // n)  # inductor's own compile pool, per process
+        with ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
+            for job, future in [(job, pool.submit(_compile_job, job)) for job in jobs]:
+                try:
+                    blob = future.result()
+                except Exception as e:  # a worker that died, or torch's error: this call compiles here later
+                    self.log(f"compile: a {job['name']} graph failed in its process ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:160] if str(e) else ''}); it compiles in this one")  # fmt: skip
+                    continue
+                if blob is not None:
+                    self._add(job["group"], job["home"], blob)
+                    self.compiled += 1
+        self.memo.clear()
+        return True
+
+    def _add(self, group: str, home: str, blob: bytes) -> None:
+        from torch._dynamo.aot_compile import AOTCompiledFunction
+
+        fn = AOTCompiledFunction.deserialize(blob, f_globals=vars(importlib.import_module(home)))
+        self.variants.setdefault(group, []).append(fn)
+        self.blobs.setdefault(group, []).append(blob)
+        self.homes[group] = home
+
     def _marked(self, module: nn.Module, args: tuple) -> tuple:
         """`args`, their spatial dims marked dynamic (`spatial`: several buckets share one graph)."""
         for i, dims in next((d for c, d in self.spatial.items() if isinstance(module, c)), ()):
@@ -136,20 +184,14 @@ class Regions:
     def loads(self, data: bytes) -> int:
         """Add the variants of `dumps()` bytes; returns how many. Raises ValueError on another
         format or torch, and whatever torch raises on a variant it cannot load."""
-        from torch._dynamo.aot_compile import AOTCompiledFunction
-
         state = pickle.load(io.BytesIO(data))
         if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("torch") != torch.__version__:
             raise ValueError("precompiled regions of another format or torch version")
         n = 0
         for group, blobs in state["groups"].items():
-            home = importlib.import_module(state["homes"][group])
             for blob in blobs:
-                fn = AOTCompiledFunction.deserialize(blob, f_globals=vars(home))
-                self.variants.setdefault(group, []).append(fn)
-                self.blobs.setdefault(group, []).append(blob)
+                self._add(group, state["homes"][group], blob)
                 n += 1
-            self.homes[group] = state["homes"][group]
         self.memo.clear()
         return n
 
@@ -174,3 +216,58 @@ class _Stub:
 
     def __init__(self, group: str):
         self.group = group
+
+
+# ---------------------------------------------------------------- compiling in other processes
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A deep copy whose parameters and buffers are meta tensors (no data copied; `.grad` dropped)."""
+    memo = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        m = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
+    return copy.deepcopy(module, memo)
+
+
+def _spec(a):
+    if isinstance(a, torch.Tensor):
+        return ("tensor", tuple(a.shape), a.stride(), a.dtype, str(a.device), a.requires_grad)
+    return ("value", a)
+
+
+def _job(module: nn.Module, group: str, args: tuple, regions: Regions) -> dict:
+    """What a worker needs to compile `module`'s call at `args` as this process would: the block
+    on the meta device, the arguments' metadata, and the settings a graph depends on."""
+    dims = next((d for c, d in regions.spatial.items() if isinstance(module, c)), ())
+    return {"module": _meta_copy(module), "device": str(next(module.parameters()).device), "group": group,
+            "home": type(module).__module__, "name": type(module).__name__, "args": [_spec(a) for a in args],
+            "dims": dims, "backend": regions.backend, "mode": regions.mode,
+            "functorch": {k: getattr(torch._functorch.config, k) for k in FUNCTORCH_SETTINGS
+                          if hasattr(torch._functorch.config, k)}}  # fmt: skip
+
+
+# torch._functorch settings a block's graph depends on (speed.activation_budget,
+# compile_cache.allow_custom_autograd_functions): copied into the workers
+FUNCTORCH_SETTINGS = ("activation_memory_budget", "autograd_cache_allow_custom_autograd_functions")
+
+
+def _init_worker(threads: int) -> None:
+    torch._inductor.config.compile_threads = threads
+
+
+def _compile_job(job: dict) -> bytes | None:
+    """In a worker: materialise the block (values do not matter), make arguments of the recorded
+    shapes, strides and dtypes, AOT-compile; the variant's bytes (None: no precompile for it)."""
+    device = torch.device(job["device"])
+    module = job["module"].to_empty(device=device)
+    args = []
+    for kind, *rest in job["args"]:
+        if kind == "value":
+            args.append(rest[0])
+            continue
+        shape, stride, dtype, dev, grad = rest
+        t = torch.empty_strided(shape, stride, dtype=dtype, device=dev)
+        t.copy_(torch.randn(shape, device=dev).to(dtype)) if dtype.is_floating_point else t.zero_()
+        args.append(t.requires_grad_(grad))
+    regions = Regions(spatial={type(module): job["dims"]}, backend=job["backend"], mode=job["mode"], log=lambda s: None)
+    with torch._functorch.config.patch(job["functorch"]):
+        return None if regions._compile(module, job["group"], tuple(args)) is None else regions.blobs[job["group"]][0]

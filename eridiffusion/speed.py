@@ -132,14 +132,18 @@ def optimize_for_training(
     return unet
 
 
-def _capture(fn, args: list, kwargs: dict, warmup: int, pool=None):
+def _capture(fn, args: list, kwargs: dict, warmup: int, pool=None, prepare=None):
     """Run `fn(*args, **kwargs)` `warmup` times on a side stream (cuBLAS workspaces, compiled
-    code, autotuning), then capture one call into a CUDA graph; returns (graph, output)."""
+    code, autotuning), then capture one call into a CUDA graph; returns (graph, output).
+    `prepare()` after the first warm-up (`precompile.Regions.flush`: the regions it saw compile
+    in parallel); when it returns True one more warm-up runs what it prepared."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(warmup):
+        for i in range(warmup):
             fn(*args, **kwargs)
+            if i == 0 and prepare is not None and prepare():
+                fn(*args, **kwargs)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):
@@ -186,8 +190,8 @@ class GraphedBackward(_Replayed):
     `fn` (LoRA dropout) draw from the CUDA generator, as torch.cuda.graph arranges.
     """
 
-    def __init__(self, fn, params: list[torch.Tensor], warmup: int = 2):
-        self.fn, self.params, self.warmup = fn, list(params), warmup
+    def __init__(self, fn, params: list[torch.Tensor], warmup: int = 2, prepare=None):
+        self.fn, self.params, self.warmup, self.prepare = fn, list(params), warmup, prepare
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple, tuple[list[torch.Tensor], torch.Tensor, torch.cuda.CUDAGraph]] = {}
 
@@ -197,7 +201,7 @@ class GraphedBackward(_Replayed):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         saved = [p.grad.clone() for p in self.params]
-        graph, loss = _capture(self.fn, static_in, {}, self.warmup, self.pool)
+        graph, loss = _capture(self.fn, static_in, {}, self.warmup, self.pool, self.prepare)
         with torch.no_grad():  # undo the warm-ups' accumulation (the capture itself ran nothing)
             for p, s in zip(self.params, saved):
                 p.grad.copy_(s)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from eridiffusion import precompile
+from eridiffusion import ops, precompile
 
 REPO = Path(__file__).resolve().parent.parent
 needs_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
@@ -29,28 +29,18 @@ needs_aot = pytest.mark.skipif(not precompile.available(), reason="this torch ha
 # Prints the outputs' and gradients' largest difference from eager, and torch's counters.
 CHILD = r"""
 import json, sys
+sys.path.insert(0, sys.argv[5])
 import torch
 from torch import nn
 from torch._dynamo.utils import counters
-from eridiffusion import ops, precompile
+from eridiffusion import precompile
 from eridiffusion.compile_cache import CompileCache
-
-class Block(nn.Module):
-    def __init__(self, width):
-        super().__init__()
-        self.norm, self.proj = nn.LayerNorm(width), nn.Linear(width, width).requires_grad_(False)
-        self.down, self.up = nn.Parameter(torch.randn(4, width) / 4), nn.Parameter(torch.randn(width, 4) / 4)
-
-    def _forward(self, x):
-        return x + torch.nn.functional.gelu(ops.lora_linear(self.norm(x), self.proj.weight, self.proj.bias, self.down, self.up))
-
-    def forward(self, x):
-        return self._forward(x)
+from test_precompile import Block
 
 torch.manual_seed(0)
 blocks = nn.Sequential(Block(16), Block(16), nn.Linear(16, 24, bias=False).requires_grad_(False), Block(24))
 eager = [b._forward for b in blocks if isinstance(b, Block)]
-regions = precompile.Regions(spatial={Block: ((0, (1,)),)} if sys.argv[3] == "marked" else {})
+regions = precompile.Regions(spatial={Block: ((0, (1,)),)} if sys.argv[3] == "marked" else {}, workers=int(sys.argv[4]))
 cache = CompileCache(sys.argv[1], {"family": "toy"}, regions=regions)
 cache.load()
 regions.install([b for b in blocks if isinstance(b, Block)])
@@ -77,12 +67,28 @@ print("RESULT " + json.dumps({"diff": diff, "compiled": regions.compiled, "fallb
 """
 
 
-def run_child(tmp_path: Path, name: str, file: Path, shapes, marked: bool = False) -> tuple[dict, str]:
+class Block(nn.Module):
+    """A LoRA'd linear after a norm, as `ops.lora_linear` computes it in compiled regions (importable:
+    worker processes unpickle it)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.norm, self.proj = nn.LayerNorm(width), nn.Linear(width, width).requires_grad_(False)
+        self.down, self.up = nn.Parameter(torch.randn(4, width) / 4), nn.Parameter(torch.randn(width, 4) / 4)
+
+    def _forward(self, x):
+        return x + torch.nn.functional.gelu(ops.lora_linear(self.norm(x), self.proj.weight, self.proj.bias, self.down, self.up))
+
+    def forward(self, x):
+        return self._forward(x)
+
+
+def run_child(tmp_path: Path, name: str, file: Path, shapes, marked: bool = False, workers: int = 1) -> tuple[dict, str]:
     """A fresh process with an empty inductor folder of its own: what it does not compile comes from `file`."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{name}"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # fmt: skip
     env.pop("TRITON_CACHE_DIR", None)
-    argv = [str(file), json.dumps(shapes), "marked" if marked else "static"]
+    argv = [str(file), json.dumps(shapes), "marked" if marked else "static", str(workers), str(Path(__file__).parent)]
     p = subprocess.run([sys.executable, "-c", CHILD, *argv], env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.split("RESULT ", 1)[1]), p.stdout
@@ -97,9 +103,9 @@ def test_a_second_process_runs_the_saved_graphs_without_tracing(tmp_path):
     # generic in the tokens dim: one variant per structure and input (the first block's input needs
     # no gradient, the second's does; the 24-wide block)
     assert cold["compiled"] == 3
-    assert len(re.findall(r"^compile cache: saved .* and 3 precompiled block graphs", out, re.M)) == 1
+    assert len(re.findall(r"^compile cache: saved 3 precompiled block graphs \(", out, re.M)) == 1
     warm, out = run_child(tmp_path, "warm", file, [[2, 8], [2, 12], [2, 5]], marked=True)
-    assert "and 3 precompiled block graphs" in out and "compile cache: saved" not in out
+    assert "compile cache: loaded 3 precompiled block graphs (" in out and "compile cache: saved" not in out
     assert warm["diff"] < 1e-4 and warm["compiled"] == 0
     assert warm["frames"].get("total", 0) == 0  # dynamo traced nothing
     assert warm["inductor"].get("fxgraph_cache_miss", 0) == 0
@@ -113,7 +119,7 @@ def test_a_shape_no_variant_accepts_compiles_one_more_and_saves_it(tmp_path):
     assert cold["compiled"] == 3
     more, out = run_child(tmp_path, "more", file, [[2, 8], [2, 12]])  # static variants: 12 tokens is new
     assert more["compiled"] == 3 and more["diff"] < 1e-4
-    assert "and 6 precompiled block graphs" in out  # saved with the loaded ones
+    assert "compile cache: saved 6 precompiled block graphs (" in out  # with the loaded ones; only these
     again, out = run_child(tmp_path, "again", file, [[2, 12], [2, 8]])
     assert again["compiled"] == 0 and again["frames"].get("total", 0) == 0
 
@@ -168,3 +174,19 @@ def test_bytes_of_another_format_or_torch_are_refused():
                   {"format": precompile.FORMAT, "torch": "0.1", "groups": {}, "homes": {}}):  # fmt: skip
         with pytest.raises(ValueError, match="another format or torch version"):
             regions.loads(pickle.dumps(state))
+
+
+@needs_cxx
+@needs_aot
+def test_calls_recorded_in_a_step_compile_in_worker_processes(tmp_path):
+    """workers > 1: the first step runs the blocks eagerly and records their calls; after it the
+    graphs compile in worker processes, and the main process traces nothing."""
+    file = tmp_path / "cache" / "toy.torchcache"
+    cold, out = run_child(tmp_path, "cold", file, [[2, 8], [2, 12]], marked=True, workers=2)
+    assert "compile: 3 block graphs in 2 processes" in out
+    assert cold["compiled"] == 3 and cold["diff"] < 1e-4 and cold["fallback"] == 0
+    assert cold["frames"].get("total", 0) == 0  # no tracing here: the workers did it
+    assert len(re.findall(r"^compile cache: saved 3 precompiled block graphs \(", out, re.M)) == 1
+    warm, out = run_child(tmp_path, "warm", file, [[2, 8], [2, 20]], marked=True, workers=2)
+    assert "compile cache: loaded 3 precompiled block graphs (" in out and "processes" not in out
+    assert warm["compiled"] == 0 and warm["diff"] < 1e-4 and warm["frames"].get("total", 0) == 0

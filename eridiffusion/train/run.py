@@ -261,7 +261,7 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
         torch.manual_seed((t_cfg.seed * 1_000_003 + w.rank * 65_537 + step) % (1 << 63))
     batches = Batches(s, sampler, generators["data"], generators["noise"], w, text_encoder, cfg.trains_text_encoders)
     train_step = TrainStep.from_config(t_cfg, fam, model, trainable.parameters(), opt.optimizer, prediction, synced=synced,
-                                       fsdp=fsdp, world=w, device=device)  # fmt: skip
+                                       fsdp=fsdp, world=w, device=device, prepare=compiled and compiled.prepare)  # fmt: skip
 
     # -- the loop -------------------------------------------------------------------------
     run_id = claim_folder(cfg, s, kind, resume_dir, log) if w.main else ""

@@ -98,7 +98,7 @@ class TrainStep:
                  *, prediction: str, grad_accum: int = 1, max_grad_norm: float = 0.0, min_snr_gamma: float = 0.0,
                  noise_offset: float = 0.0, max_nonfinite: int = 0, cuda_graph: bool = False, synced=(),
                  fsdp: bool = False, world=None, device: torch.device | None = None,
-                 objective: Objective = Objective()):  # fmt: skip
+                 objective: Objective = Objective(), prepare=None):  # fmt: skip
         self.family, self.model, self.params, self.optimizer = family, model, list(params), optimizer
         self.prediction, self.grad_accum, self.max_grad_norm = prediction, grad_accum, max_grad_norm
         self.min_snr_gamma, self.noise_offset = min_snr_gamma, noise_offset
@@ -107,7 +107,8 @@ class TrainStep:
         self.objective = objective
         self.schedule = family.schedule(self.device, zero_terminal_snr=objective.zero_terminal_snr)
         self.guard = faults.NonFiniteGuard(max_nonfinite)
-        self.graphed = speed.GraphedBackward(self.micro_step, self.params) if cuda_graph else None
+        # `prepare`: between a new bucket's first warm-up and its capture (compile_cache.CompileCache.prepare)
+        self.graphed = speed.GraphedBackward(self.micro_step, self.params, prepare=prepare) if cuda_graph else None
         # params the optimizer does not hold (it updates fp32 copies of them: finetune.FullModel)
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         self.unheld = [p for p in self.params if id(p) not in held]
