@@ -20,7 +20,6 @@ shapes) which blocks the same process compiled before it.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import pickle
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from common import REPO, write_json  # noqa: I001
+from eridiffusion.precompile import meta_copy
 
 BUCKETS = [(16, 16), (24, 16)]  # latent sizes (tiny model)
 
@@ -57,15 +57,6 @@ def inputs(h: int, w: int, device="cpu"):
     x = torch.randn(2, 4, h, w, generator=g)
     return [t.to(device) for t in (x, torch.tensor([10.0, 500.0]), torch.randn(2, 7, 96, generator=g),
                                    torch.randn(2, 256, generator=g))]  # fmt: skip
-
-
-def meta_copy(module: nn.Module) -> nn.Module:
-    """A deep copy whose parameters and buffers are meta tensors (no data copied)."""
-    memo = {}
-    for t in [*module.parameters(), *module.buffers()]:
-        m = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
-    return copy.deepcopy(module, memo)
 
 
 def spec(v):

@@ -1,28 +1,34 @@
-"""Compiled code kept across runs: torch's mega-cache in one file beside the latent cache.
+"""Compiled code kept across runs: one file beside the latent cache.
 
 With `train.compile` the first step compiles every distinct UNet block graph (forward and
-backward; SDXL: 16, again shape-generic once a second bucket arrives), minutes on a GPU.
-`torch.compiler.save_cache_artifacts()` bundles what those compiles produced (inductor's
-FX-graph entries with their Triton kernels, AOTAutograd entries, autotuning results, the
-automatic-dynamic profile) into bytes; `load_cache_artifacts(bytes)` in a later process puts
-them back into inductor's on-disk caches before anything compiles, so dynamo still traces but
-AOTAutograd and inductor answer from the cache.
+backward; SDXL: 15), minutes on a GPU. Two things can be kept:
+
+- the blocks' precompiled graphs (`cache.precompile`, default; `precompile.Regions`): each one
+  whole (dynamo's trace and guards, AOTAutograd's forward and backward, inductor's code with its
+  Triton kernels), so the next process neither traces nor compiles (SDXL, H200: 11.7 s to the
+  first step instead of 25.6 s);
+- torch's mega-cache (`torch.compiler.save_cache_artifacts()`: inductor's FX-graph entries with
+  their kernels, AOTAutograd entries, autotuning results), which `load_cache_artifacts` puts back
+  into inductor's on-disk caches, so dynamo still traces but AOTAutograd and inductor answer from
+  the cache. Written only when some block has no precompiled graph (precompile off, FSDP, a torch
+  without it, a block that is not one graph): a precompiled graph carries its own kernels.
 
 The file is `<cache dir>/compile/<family>-<digest>.torchcache`, the digest of `graph_key`: what
 changes the graphs (torch / Python / GPU, family, dtype, compile options, checkpointing, the
-adapters, batch size and bucket shapes). It is a header line (JSON: the key, the payload's
-length and sha256) and the payload. A missing file compiles cold; an unreadable, damaged or
-foreign one is a warning line and a cold compile, never an error. Saved (atomically) after a
-step whose compiles missed the cache, so after the first step and after a new bucket's first
-step; a run that only hit the cache writes nothing. Rank 0 writes; every rank loads.
+adapters, batch size and bucket shapes, precompile). It is a header line (JSON: the key, the
+payload's length and sha256, the mega-cache part's length) and the payload (mega-cache bytes, then
+the precompiled graphs). A missing file compiles cold; an unreadable, damaged or foreign one is a
+warning line and a cold compile, never an error. Saved (atomically) after a step that compiled
+something, so after the first step and after a new bucket's first step; a run that only loaded
+writes nothing. Rank 0 writes; every rank loads.
 
 AOTAutograd's cache must accept graphs holding an `autograd.Function` (`fp8_matmul`'s linear,
 `ops.lora_linear` with `ops.COMPILED = "function"`; off by default, so each run traced and
 partitioned every such block again). A run and the next must compile the same graphs: with
 several buckets the regions are shape-generic in H and W from the first compile
 (`speed.compile_regions(spatial_dynamic=True)`), in every run, whichever the buckets (so they
-share one file: inductor and AOTAutograd check each cached graph's shape guards when they look it
-up, and a graph whose guards fail is compiled and added). No
+share one file: each cached graph's guards are checked when it is looked up, and a graph whose
+guards fail is compiled and added). No
 `torch.compiler.config.job_id` is set: its automatic-dynamic profile made the second run
 compile graphs the first had not (H200, SDXL: 2 inductor and 1 AOTAutograd miss, 11 s of codegen).
 

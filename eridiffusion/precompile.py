@@ -219,7 +219,7 @@ class _Stub:
 
 
 # ---------------------------------------------------------------- compiling in other processes
-def _meta_copy(module: nn.Module) -> nn.Module:
+def meta_copy(module: nn.Module) -> nn.Module:
     """A deep copy whose parameters and buffers are meta tensors (no data copied; `.grad` dropped)."""
     memo = {}
     for t in [*module.parameters(), *module.buffers()]:
@@ -238,7 +238,7 @@ def _job(module: nn.Module, group: str, args: tuple, regions: Regions) -> dict:
     """What a worker needs to compile `module`'s call at `args` as this process would: the block
     on the meta device, the arguments' metadata, and the settings a graph depends on."""
     dims = next((d for c, d in regions.spatial.items() if isinstance(module, c)), ())
-    return {"module": _meta_copy(module), "device": str(next(module.parameters()).device), "group": group,
+    return {"module": meta_copy(module), "device": str(next(module.parameters()).device), "group": group,
             "home": type(module).__module__, "name": type(module).__name__, "args": [_spec(a) for a in args],
             "dims": dims, "backend": regions.backend, "mode": regions.mode,
             "functorch": {k: getattr(torch._functorch.config, k) for k in FUNCTORCH_SETTINGS
