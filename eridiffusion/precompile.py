@@ -18,7 +18,12 @@ inputs' spatial dims are marked dynamic first (several buckets share one graph),
 variant is specialised on the shape. A block that does not compile as one graph (a graph break,
 a guard torch cannot serialise) falls back to plain `torch.compile` for its group, with one
 log line. `dumps()` / `loads()` carry the variants across processes (`compile_cache.py` keeps
-them in the run's cache file with inductor's artifacts, whose kernels a loaded variant needs).
+them in the run's cache file; each carries its Triton kernels).
+
+With `workers` > 1 (`train.compile_workers`, experimental) a call no variant accepts runs eagerly
+and is recorded; `flush()` (after the step, or between a CUDA-graph warm-up and its capture)
+compiles the recorded calls in that many spawned processes at once, each from a meta copy of the
+block and arguments of the recorded shapes and strides, and loads the results.
 """
 
 from __future__ import annotations
@@ -212,7 +217,8 @@ class _Region:
 
 
 class _Stub:
-    """What a `_Region` unpickles to: not callable in another process's sense, only a name."""
+    """What a `_Region` pickles to: its group's name, no route (nothing calls a copied block's body
+    through it: the compiled code calls `type(block)._forward`)."""
 
     def __init__(self, group: str):
         self.group = group

@@ -334,7 +334,8 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
             runs.finish(out)  # the runs this one replaced are gone only now
         log(f"saved {lora_path}, {out / 'loss.csv'}, {out / 'loss.png'}")
     runlog.close()
-    if fault is not None:
+    if fault is not None:  # torchrun: the fault is reported; a poll still running at exit can abort the process in C++
+        distributed.FaultWatch.stop()
         raise fault
     if guard.skipped:
         log(f"{guard.skipped} steps skipped for a NaN/inf loss or gradient")
