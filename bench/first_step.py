@@ -61,28 +61,29 @@ def child(stats_path: str, argv: list[str]) -> int:
     from eridiffusion.cli import main
 
     graphs = {"warmup_s": 0.0, "capture_s": 0.0, "captures": 0, "prepare_s": 0.0}
-    side_capture = speed._capture
+    warm_up, capture = speed._warm_up, speed._capture
 
-    def timed_capture(fn, args, kwargs, warmup, pool=None, prepare=None):  # speed._capture, its two halves timed
-        t0 = time.perf_counter()
-        for i in range(warmup):  # the first call compiles the regions (cold) or loads them (warm)
-            fn(*args, **kwargs)
-            if i == 0 and prepare is not None:  # the block graphs the first call recorded, in parallel
-                tp = time.perf_counter()
-                prepared = prepare()
-                graphs["prepare_s"] += time.perf_counter() - tp
-                if prepared:
-                    fn(*args, **kwargs)
-        torch.cuda.synchronize()
-        t1 = time.perf_counter()
-        out = side_capture(fn, args, kwargs, 0, pool)
-        torch.cuda.synchronize()
-        graphs["warmup_s"] += t1 - t0
-        graphs["capture_s"] += time.perf_counter() - t1
+    def timed(fn, seconds: str):
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            torch.cuda.synchronize()
+            graphs[seconds] += time.perf_counter() - t0
+            return out
+
+        return run
+
+    def timed_warm_up(fn, args, kwargs, warmup, prepare=None):  # the first call compiles (cold) or loads (warm)
+        timed(warm_up, "warmup_s")(fn, args, kwargs, warmup, prepare and timed(prepare, "prepare_s"))
+
+    def timed_capture(*args, **kwargs):  # speed._capture: its time less the warm-ups' is the capture's
+        before = graphs["warmup_s"]
+        out = timed(capture, "capture_s")(*args, **kwargs)
+        graphs["capture_s"] -= graphs["warmup_s"] - before
         graphs["captures"] += 1
         return out
 
-    speed._capture = timed_capture
+    speed._warm_up, speed._capture = timed_warm_up, timed_capture
     profile = os.environ.get("ERI_FIRST_STEP_PROFILE")  # --profile: cProfile of the whole run, to this file
     if profile:
         import cProfile

@@ -97,12 +97,13 @@ class Regions:
     def call(self, module: nn.Module, group: str, args: tuple):
         if group in self.fallback:
             return self.fallback[group](module, *self._marked(module, args))
-        key = (id(module), _signature(module, args))  # guards are checked once per block and call shape
+        signature = _signature(module, args)
+        key = (id(module), signature)  # guards are checked once per block and call shape
         fn = self.memo.get(key)
         if fn is None:
             fn = next((v for v in self.variants.get(group, ()) if v.guard_check(module, *args)), None)
             if fn is None and self.workers > 1:  # recorded for flush(); meanwhile eager, as torch would
-                self.pending.setdefault((group, _signature(module, args)), (module, args))
+                self.pending.setdefault((group, signature), (module, args))
                 return type(module)._forward(module, *args)
             fn = fn or self._compile(module, group, args)
             if fn is None:
@@ -225,6 +226,11 @@ class _Stub:
 
 
 # ---------------------------------------------------------------- compiling in other processes
+# torch._functorch settings a block's graph depends on (speed.activation_budget,
+# compile_cache.allow_custom_autograd_functions): copied into the workers
+FUNCTORCH_SETTINGS = ("activation_memory_budget", "autograd_cache_allow_custom_autograd_functions")
+
+
 def meta_copy(module: nn.Module) -> nn.Module:
     """A deep copy whose parameters and buffers are meta tensors (no data copied; `.grad` dropped)."""
     memo = {}
@@ -249,11 +255,6 @@ def _job(module: nn.Module, group: str, args: tuple, regions: Regions) -> dict:
             "dims": dims, "backend": regions.backend, "mode": regions.mode,
             "functorch": {k: getattr(torch._functorch.config, k) for k in FUNCTORCH_SETTINGS
                           if hasattr(torch._functorch.config, k)}}  # fmt: skip
-
-
-# torch._functorch settings a block's graph depends on (speed.activation_budget,
-# compile_cache.allow_custom_autograd_functions): copied into the workers
-FUNCTORCH_SETTINGS = ("activation_memory_budget", "autograd_cache_allow_custom_autograd_functions")
 
 
 def _init_worker(threads: int) -> None:

@@ -132,18 +132,22 @@ def optimize_for_training(
     return unet
 
 
+def _warm_up(fn, args: list, kwargs: dict, warmup: int, prepare=None) -> None:
+    """Run `fn(*args, **kwargs)` `warmup` times (cuBLAS workspaces, compiled code, autotuning);
+    `prepare()` after the first (`precompile.Regions.flush`: the regions it saw compile in
+    parallel), and when it returns True one more run of what it prepared."""
+    for i in range(warmup):
+        fn(*args, **kwargs)
+        if i == 0 and prepare is not None and prepare():
+            fn(*args, **kwargs)
+
+
 def _capture(fn, args: list, kwargs: dict, warmup: int, pool=None, prepare=None):
-    """Run `fn(*args, **kwargs)` `warmup` times on a side stream (cuBLAS workspaces, compiled
-    code, autotuning), then capture one call into a CUDA graph; returns (graph, output).
-    `prepare()` after the first warm-up (`precompile.Regions.flush`: the regions it saw compile
-    in parallel); when it returns True one more warm-up runs what it prepared."""
+    """`_warm_up` on a side stream, then capture one call into a CUDA graph; returns (graph, output)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for i in range(warmup):
-            fn(*args, **kwargs)
-            if i == 0 and prepare is not None and prepare():
-                fn(*args, **kwargs)
+        _warm_up(fn, args, kwargs, warmup, prepare)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, pool=pool):
