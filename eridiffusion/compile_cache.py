@@ -150,10 +150,11 @@ class CompileCache:
         key = graph_key(cfg, family, device, buckets)
         use = getattr(cfg.cache, "precompile", True) and not cfg.train.fsdp and precompile.available()
         key["precompile"] = use
-        workers = precompile.workers_for(cfg.train.compile_workers)
+        workers = precompile.workers_for(cfg.train.compile_workers, device)
         cache = cls(cache_path(cfg.cache_dir, key), key, log, write,
                     precompile.Regions(log=log, workers=workers) if use else None)  # fmt: skip
-        cache.load()
+        if not cache.load() and cache.regions is not None:  # cold: the workers start while the model loads
+            cache.regions.start_workers()
         return cache
 
     def _warn(self, what: str) -> None:

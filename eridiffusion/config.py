@@ -181,7 +181,7 @@ class TrainSection:
     fp8_matmul: bool = False  # LoRA: the frozen base's transformer GEMMs in float8 (eridiffusion/fp8_matmul.py; CUDA ≥ 8.9)
     memory_budget: float = 1.0  # with compile: share of activations the compiled regions keep (< 1 recomputes)
     cudnn_benchmark: bool = False  # CUDA: cuDNN times its convolution algorithms at each new shape (seconds per bucket)
-    compile_workers: int = 1  # with compile + cache.precompile: processes compiling block graphs at once (> 1 experimental)
+    compile_workers: int = 0  # with compile + cache.precompile: processes compiling block graphs at once (0 = auto)
     max_grad_norm: float = 1.0  # 0 = no clipping
     lora_dtype: Literal["fp32", "bf16"] = "fp32"  # the trained adapter weights and their optimizer state
     prediction: Literal["auto", "epsilon", "v_prediction"] = "auto"
@@ -370,10 +370,7 @@ class TrainConfig:
             ("train.max_steps", t.max_steps > 0 or t.epochs > 0, "> 0, or set train.epochs > 0"),
             ("train.max_grad_norm", t.max_grad_norm >= 0, ">= 0 (0 = no clipping)"),
             ("train.memory_budget", 0.0 < t.memory_budget <= 1.0, "in (0, 1] (1 = keep every activation)"),
-            ("train.compile_workers", t.compile_workers >= 1, ">= 1 (1 = compile in the training process)"),
-            # H200, 2026-11-29: the capture after a parallel compile failed (cudaErrorStreamCaptureImplicit)
-            ("train.compile_workers", t.compile_workers == 1 or not t.cuda_graph,
-             "1 with train.cuda_graph (compiling in other processes breaks the graph capture, not yet solved)"),
+            ("train.compile_workers", t.compile_workers >= 0, ">= 0 (0 = auto, 1 = compile in the training process)"),
             ("train.memory_budget", t.memory_budget == 1.0 or t.compile,
              "1 without train.compile (the budget applies to compiled regions): set train.compile=true"),
             ("train.noise_offset", t.noise_offset >= 0, ">= 0"),

@@ -20,10 +20,11 @@ a guard torch cannot serialise) falls back to plain `torch.compile` for its grou
 log line. `dumps()` / `loads()` carry the variants across processes (`compile_cache.py` keeps
 them in the run's cache file; each carries its Triton kernels).
 
-With `workers` > 1 (`train.compile_workers`, experimental) a call no variant accepts runs eagerly
-and is recorded; `flush()` (after the step, or between a CUDA-graph warm-up and its capture)
-compiles the recorded calls in that many spawned processes at once, each from a meta copy of the
-block and arguments of the recorded shapes and strides, and loads the results.
+With `workers` > 1 (`train.compile_workers`; by default on CUDA) a call no variant accepts runs
+eagerly and is recorded; `flush()` (after the step, or between a CUDA-graph warm-up and its
+capture) compiles the recorded calls in that many spawned processes at once, each from a meta
+copy of the block and arguments of the recorded shapes and strides, under this process's global
+settings (TF32 and the rest that dynamo's guards check), and loads the results.
 """
 
 from __future__ import annotations
@@ -53,10 +54,21 @@ def available() -> bool:
     return hasattr(torch._dynamo.config, "enable_aot_compile")
 
 
-def workers_for(setting: int) -> int:
+MAX_WORKERS = 8  # SDXL has 14-15 distinct block graphs: two rounds of 8 (H200: 28 s, docs/benchmarks.md)
+WORKER_GIB = 2.0  # GPU memory a worker process may take (CUDA context, one block, autotuning)
+
+
+def workers_for(setting: int, device: torch.device) -> int:
     """`train.compile_workers` as the number of processes `Regions` compiles in (1: this one, as
-    calls come; more is experimental: refused with train.cuda_graph, config.py says why)."""
-    return max(1, setting)
+    calls come). 0 (auto): on CUDA half the CPU cores this process's share of the machine has
+    (torchrun's LOCAL_WORLD_SIZE ranks share it), at most MAX_WORKERS; elsewhere 1. `flush`
+    lowers it further to what the GPU's free memory allows."""
+    if setting > 0:
+        return setting
+    if device.type != "cuda":
+        return 1
+    share = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(MAX_WORKERS, share // 2))
 
 
 def group_of(module: nn.Module) -> str:
@@ -88,6 +100,8 @@ class Regions:
         self.fallback: dict[str, Callable] = {}  # group → torch.compile'd function (no precompile)
         self.memo: dict[tuple, object] = {}
         self.compiled = 0  # variants compiled (not loaded) by this process
+        self.pool: ProcessPoolExecutor | None = None  # workers > 1: from start_workers or flush to flush's end
+        self.pool_size = 0
 
     def install(self, regions: list[nn.Module]) -> int:
         for m in regions:
@@ -142,31 +156,63 @@ class Regions:
         self.compiled += 1
         return compiled
 
+    def start_workers(self) -> None:
+        """Start the worker processes now (they import torch and inductor while this one loads the
+        model and runs the first step); `flush` uses them, then stops them."""
+        if self.workers > 1 and self.pool is None:
+            self.pool, self.pool_size = _pool(self.workers), self.workers
+            for _ in range(self.workers):
+                self.pool.submit(_ready)
+
     def flush(self) -> bool:
         """Compile the calls recorded since the last flush (`workers` > 1), in up to `workers`
-        processes at once, and add their variants; True when there were any. A call whose
-        compile failed in its worker compiles here when it comes again."""
+        processes at once (fewer where the GPU's free memory holds fewer), and add their variants;
+        True when there were any. A call no worker's variant accepts compiles in this process."""
         if not self.pending:
             return False
         pending, self.pending = list(self.pending.items()), {}
-        jobs = [_job(module, group, args, self) for (group, _), (module, args) in pending]
-        n = min(self.workers, len(jobs))
-        self.log(f"compile: {len(jobs)} block graphs in {n} processes")
-        ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-        threads = max(1, (os.cpu_count() or 1) // n)  # inductor's own compile pool, per process
-        with ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
-            for job, future in [(job, pool.submit(_compile_job, job)) for job in jobs]:
-                try:
-                    blob = future.result()
-                except Exception as e:  # a worker that died, or torch's error: this call compiles here later
-                    self.log(f"compile: a {job['name']} graph failed in its process ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:160] if str(e) else ''}); it compiles in this one")  # fmt: skip
-                    continue
-                if blob is not None:
-                    self._add(job["group"], job["home"], blob)
-                    self.compiled += 1
+        n = _fit(min(self.workers, len(pending)), next(iter(pending))[1][0])
+        if n < 2:  # no room for worker processes on the GPU: compile here
+            self.log(f"compile: {len(pending)} block graphs in this process (too little free GPU memory for more)")
+        else:
+            jobs = [_job(module, group, args, signature[2], self) for (group, signature), (module, args) in pending]
+            self.log(f"compile: {len(jobs)} block graphs in {n} processes")
+            if self.pool is None or self.pool_size > n:
+                self._stop_workers()
+                self.pool, self.pool_size = _pool(n), n
+            try:
+                for job, future in [(job, self.pool.submit(_compile_job, job)) for job in jobs]:
+                    try:
+                        blob = future.result()
+                    except Exception as e:  # a worker that died, or torch's error: this call compiles here
+                        self.log(f"compile: a {job['name']} graph failed in its process ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:160] if str(e) else ''}); it compiles in this one")  # fmt: skip
+                        continue
+                    if blob is not None:
+                        self._add(job["group"], job["home"], blob)
+                        self.compiled += 1
+            finally:
+                self._stop_workers()
         self.memo.clear()
+        if (rejected := self._compile_here(pending)) and n >= 2:
+            self.log(f"compile: {rejected} block graphs from the worker processes did not accept their calls; "
+                     "compiled them in this one")  # fmt: skip
         return True
+
+    def _stop_workers(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+
+    def _compile_here(self, pending: list) -> int:
+        """Compile here each recorded call that no variant accepts (its worker failed, or compiled
+        under other global state: it would otherwise run eagerly and go out again every step)."""
+        n = 0
+        for (group, _), (module, args) in pending:
+            if group not in self.fallback and not any(v.guard_check(module, *args) for v in self.variants.get(group, ())):
+                self._compile(module, group, args)
+                n += 1
+        return n
 
     def _add(self, group: str, home: str, blob: bytes) -> None:
         from torch._dynamo.aot_compile import AOTCompiledFunction
@@ -240,30 +286,76 @@ def meta_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+def _fit(n: int, module: nn.Module) -> int:
+    """`n` worker processes, fewer where the GPU's free memory holds fewer (WORKER_GIB each)."""
+    device = next(module.parameters()).device
+    if device.type != "cuda" or n < 2:
+        return n
+    free, _ = torch.cuda.mem_get_info(device)
+    return min(n, int(free / 2**30 // WORKER_GIB))
+
+
 def _spec(a):
     if isinstance(a, torch.Tensor):
         return ("tensor", tuple(a.shape), a.stride(), a.dtype, str(a.device), a.requires_grad)
     return ("value", a)
 
 
-def _job(module: nn.Module, group: str, args: tuple, regions: Regions) -> dict:
+def _pool(n: int) -> ProcessPoolExecutor:
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    threads = max(1, (os.cpu_count() or 1) // n)  # inductor's own compile pool, per process
+    return ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
+
+
+def _job(module: nn.Module, group: str, args: tuple, grad: bool, regions: Regions) -> dict:
     """What a worker needs to compile `module`'s call at `args` as this process would: the block
     on the meta device, the arguments' metadata, and the settings a graph depends on."""
     dims = next((d for c, d in regions.spatial.items() if isinstance(module, c)), ())
     return {"module": meta_copy(module), "device": str(next(module.parameters()).device), "group": group,
             "home": type(module).__module__, "name": type(module).__name__, "args": [_spec(a) for a in args],
-            "dims": dims, "backend": regions.backend, "mode": regions.mode,
+            "dims": dims, "backend": regions.backend, "mode": regions.mode, "state": global_state(), "grad": grad,
             "functorch": {k: getattr(torch._functorch.config, k) for k in FUNCTORCH_SETTINGS
                           if hasattr(torch._functorch.config, k)}}  # fmt: skip
 
 
+def global_state() -> dict:
+    """The process-wide settings a variant's guards check (dynamo's GlobalStateGuard: TF32 and
+    reduced-precision matmuls, deterministic algorithms, threads, default dtype) and cuDNN's,
+    which decide the kernels: a worker compiles under the training process's (`speed.set_fast_math`)."""
+    m = torch.backends.cuda.matmul
+    return {"matmul_tf32": m.allow_tf32, "fp16_reduce": m.allow_fp16_reduced_precision_reduction,
+            "bf16_reduce": m.allow_bf16_reduced_precision_reduction, "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark, "threads": torch.get_num_threads(),
+            "deterministic": torch.are_deterministic_algorithms_enabled(),
+            "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(), "dtype": torch.get_default_dtype()}  # fmt: skip
+
+
+def set_global_state(state: dict) -> None:
+    m = torch.backends.cuda.matmul
+    m.allow_tf32, torch.backends.cudnn.allow_tf32 = state["matmul_tf32"], state["cudnn_tf32"]
+    m.allow_fp16_reduced_precision_reduction = state["fp16_reduce"]
+    m.allow_bf16_reduced_precision_reduction = state["bf16_reduce"]
+    torch.backends.cudnn.benchmark = state["cudnn_benchmark"]
+    torch.set_num_threads(state["threads"])
+    torch.use_deterministic_algorithms(state["deterministic"], warn_only=state["warn_only"])
+    torch.set_default_dtype(state["dtype"])
+
+
 def _init_worker(threads: int) -> None:
+    import torch._dynamo.aot_compile  # noqa: F401  (imported while the training process loads the model)
+    import torch._inductor.compile_fx  # noqa: F401
+
     torch._inductor.config.compile_threads = threads
+
+
+def _ready() -> None:
+    """A no-op job: `start_workers` submits one per process so that each starts (and imports) now."""
 
 
 def _compile_job(job: dict) -> bytes | None:
     """In a worker: materialise the block (values do not matter), make arguments of the recorded
     shapes, strides and dtypes, AOT-compile; the variant's bytes (None: no precompile for it)."""
+    set_global_state(job["state"])
     device = torch.device(job["device"])
     module = job["module"].to_empty(device=device)
     args = []
@@ -276,5 +368,19 @@ def _compile_job(job: dict) -> bytes | None:
         t.copy_(torch.randn(shape, device=dev).to(dtype)) if dtype.is_floating_point else t.zero_()
         args.append(t.requires_grad_(grad))
     regions = Regions(spatial={type(module): job["dims"]}, backend=job["backend"], mode=job["mode"], log=lambda s: None)
-    with torch._functorch.config.patch(job["functorch"]):
-        return None if regions._compile(module, job["group"], tuple(args)) is None else regions.blobs[job["group"]][0]
+    with torch._functorch.config.patch(job["functorch"]), torch.set_grad_enabled(job["grad"]):
+        fn = regions._compile(module, job["group"], tuple(args))
+        if fn is None:
+            return None
+        _run_once(fn, module, args)
+    return regions.blobs[job["group"]][0]
+
+
+def _run_once(fn, module: nn.Module, args: list) -> None:
+    """One forward and backward of a new variant: inductor autotunes its kernels at their first
+    launch and keeps the choices in this machine's cache folder, where the training process, which
+    loads the same kernels, finds them (SDXL on an H200: 10 s of its first step otherwise)."""
+    out = fn.fn(module, *args)
+    outs = [o for o in (out if isinstance(out, tuple) else (out,)) if isinstance(o, torch.Tensor) and o.requires_grad]
+    if outs:
+        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])

@@ -132,13 +132,17 @@ def optimize_for_training(
     return unet
 
 
-def _warm_up(fn, args: list, kwargs: dict, warmup: int, prepare=None) -> None:
+def _warm_up(fn, args: list, kwargs: dict, warmup: int, prepare=None, rounds: int = 3) -> None:
     """Run `fn(*args, **kwargs)` `warmup` times (cuBLAS workspaces, compiled code, autotuning);
     `prepare()` after the first (`precompile.Regions.flush`: the regions it saw compile in
-    parallel), and when it returns True one more run of what it prepared."""
+    parallel) and, while it returns True, one more run of what it prepared and `prepare()` again
+    (a compiled block can hand its neighbour inputs of other strides than the eager one did), at
+    most `rounds` times: what a capture records must not run eagerly."""
     for i in range(warmup):
         fn(*args, **kwargs)
-        if i == 0 and prepare is not None and prepare():
+        for _ in range(rounds if i == 0 and prepare is not None else 0):
+            if not prepare():
+                break
             fn(*args, **kwargs)
 
 

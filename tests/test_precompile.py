@@ -38,11 +38,13 @@ from eridiffusion.compile_cache import CompileCache
 from test_precompile import Block
 
 torch.manual_seed(0)
+torch.backends.cuda.matmul.allow_tf32 = True  # as speed.set_fast_math: part of every guard's global state
 blocks = nn.Sequential(Block(16), Block(16), nn.Linear(16, 24, bias=False).requires_grad_(False), Block(24))
 eager = [b._forward for b in blocks if isinstance(b, Block)]
 regions = precompile.Regions(spatial={Block: ((0, (1,)),)} if sys.argv[3] == "marked" else {}, workers=int(sys.argv[4]))
 cache = CompileCache(sys.argv[1], {"family": "toy"}, regions=regions)
-cache.load()
+if not cache.load():
+    regions.start_workers()  # workers > 1: as CompileCache.for_run does on a cold start
 regions.install([b for b in blocks if isinstance(b, Block)])
 diff = 0.0
 for b, n in json.loads(sys.argv[2]):
@@ -183,10 +185,23 @@ def test_calls_recorded_in_a_step_compile_in_worker_processes(tmp_path):
     graphs compile in worker processes, and the main process traces nothing."""
     file = tmp_path / "cache" / "toy.torchcache"
     cold, out = run_child(tmp_path, "cold", file, [[2, 8], [2, 12]], marked=True, workers=2)
-    assert "compile: 3 block graphs in 2 processes" in out
+    assert out.count("block graphs in") == 1 and "compile: 3 block graphs in 2 processes" in out, out
+    assert "do not accept" not in out  # the workers compiled under this process's settings (TF32 here)
     assert cold["compiled"] == 3 and cold["diff"] < 1e-4 and cold["fallback"] == 0
     assert cold["frames"].get("total", 0) == 0  # no tracing here: the workers did it
     assert len(re.findall(r"^compile cache: saved 3 precompiled block graphs \(", out, re.M)) == 1
     warm, out = run_child(tmp_path, "warm", file, [[2, 8], [2, 20]], marked=True, workers=2)
     assert "compile cache: loaded 3 precompiled block graphs (" in out and "processes" not in out
     assert warm["compiled"] == 0 and warm["diff"] < 1e-4 and warm["frames"].get("total", 0) == 0
+
+
+def test_auto_workers_follow_the_cores_of_this_rank_and_stay_one_off_cuda(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert precompile.workers_for(0, cuda) == 8 and precompile.workers_for(0, cpu) == 1
+    assert precompile.workers_for(3, cpu) == 3  # a setting is kept as it is
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four torchrun ranks share the 16 cores
+    assert precompile.workers_for(0, cuda) == 2
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert precompile.workers_for(0, cuda) == 1
