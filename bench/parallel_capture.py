@@ -6,9 +6,9 @@
 compiles the recorded calls in N processes and loads the variants; `speed.GraphedBackward` calls
 that flush between its first warm-up and its capture. This runs the LoRA training micro-step as
 `eri train` does (checkpointing, fused q/k/v, spatial dims marked, graphed forward + backward,
-AdamW outside) and logs, per flush, the calls compiled, and every block call that still found no
-variant, with the stream's capture state at that moment: a call no variant accepts during the
-capture runs eagerly inside it. The losses are compared with an eager run of the same steps.
+AdamW outside) and logs each flush and every block call that ran eagerly (no variant accepted
+it), with the stream's capture state at that moment: such a call during the capture is recorded
+eagerly into the CUDA graph. The losses are compared with an eager run of the same steps.
 """
 
 from __future__ import annotations
@@ -66,10 +66,10 @@ def run(args, compiled: bool) -> dict:
         speed.compile_regions(unet, dynamic=None, spatial_dynamic=True, precompiled=regions)
         call = regions.call
 
-        def watched(module, group, a):  # a call no variant accepts: recorded with the capture state
-            before = len(regions.pending)
+        def watched(module, group, a):  # a call that ran eagerly (no variant accepted it), with the capture state
+            key = (id(module), precompile._signature(module, a))
             out = call(module, group, a)
-            if len(regions.pending) > before:
+            if key not in regions.memo and group not in regions.fallback:
                 events.append({"miss": names[id(module)], "capturing": torch.cuda.is_current_stream_capturing(),
                                "call": describe(precompile._signature(module, a))})  # fmt: skip
             return out
