@@ -35,6 +35,8 @@ import io
 import multiprocessing
 import os
 import pickle
+import sys
+import types
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 
@@ -161,8 +163,7 @@ class Regions:
         model and runs the first step); `flush` uses them, then stops them."""
         if self.workers > 1 and self.pool is None:
             self.pool, self.pool_size = _pool(self.workers), self.workers
-            for _ in range(self.workers):
-                self.pool.submit(_ready)
+            _submit(self.pool, _ready, range(self.workers))
 
     def flush(self) -> bool:
         """Compile the calls recorded since the last flush (`workers` > 1), in up to `workers`
@@ -181,7 +182,7 @@ class Regions:
                 self._stop_workers()
                 self.pool, self.pool_size = _pool(n), n
             try:
-                for job, future in [(job, self.pool.submit(_compile_job, job)) for job in jobs]:
+                for job, future in zip(jobs, _submit(self.pool, _compile_job, jobs)):
                     try:
                         blob = future.result()
                     except Exception as e:  # a worker that died, or torch's error: this call compiles here
@@ -307,6 +308,18 @@ def _pool(n: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=(threads,))
 
 
+def _submit(pool: ProcessPoolExecutor, fn, items) -> list:
+    """`pool.submit(fn, item)` for each item. With spawn, the processes start inside `submit` and
+    run the parent's `__main__` script first (as `__mp_main__`): a user's training script without an
+    `if __name__ == "__main__"` guard would train again in each. They see a bare `__main__` instead."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        return [pool.submit(fn, item) for item in items]
+    finally:
+        sys.modules["__main__"] = main
+
+
 def _job(module: nn.Module, group: str, args: tuple, grad: bool, regions: Regions) -> dict:
     """What a worker needs to compile `module`'s call at `args` as this process would: the block
     on the meta device, the arguments' metadata, and the settings a graph depends on."""
@@ -342,13 +355,13 @@ def set_global_state(state: dict) -> None:
 
 
 def _init_worker(threads: int) -> None:
-    import torch._dynamo.aot_compile  # noqa: F401  (imported while the training process loads the model)
-    import torch._inductor.compile_fx  # noqa: F401
+    import torch._dynamo.aot_compile  # imported while the training process loads the model
+    import torch._inductor.compile_fx
 
     torch._inductor.config.compile_threads = threads
 
 
-def _ready() -> None:
+def _ready(_) -> None:
     """A no-op job: `start_workers` submits one per process so that each starts (and imports) now."""
 
 

@@ -205,3 +205,26 @@ def test_auto_workers_follow_the_cores_of_this_rank_and_stay_one_off_cuda(monkey
     assert precompile.workers_for(0, cuda) == 2
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert precompile.workers_for(0, cuda) == 1
+
+
+@needs_cxx
+@needs_aot
+def test_workers_do_not_run_a_users_unguarded_script_again(tmp_path):
+    """A training script without `if __name__ == "__main__"`: multiprocessing's spawn would run it
+    again in every worker (training again, claiming the output folder); it runs once."""
+    script = tmp_path / "train_script.py"
+    script.write_text(
+        f"import sys; sys.path[:0] = [{str(REPO)!r}, {str(Path(__file__).parent)!r}]\n"
+        "import torch\nfrom eridiffusion import precompile\nfrom test_precompile import Block\n"
+        "print('SCRIPT RAN', flush=True)\n"
+        "block = Block(16)\nregions = precompile.Regions(workers=2)\nregions.install([block])\n"
+        "regions.start_workers()\nshapes = [(2, 8, 16), (2, 12, 16)]  # two calls: two workers\n"
+        "for s in shapes: block(torch.randn(s)).sum().backward()\nregions.flush()\n"
+        "for s in shapes: block(torch.randn(s)).sum().backward()\n"
+        "print('COMPILED', regions.compiled, len(regions.memo))\n"
+    )
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    p = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("SCRIPT RAN") == 1, p.stdout
+    assert "COMPILED 2 2" in p.stdout, p.stdout  # the workers' variants, accepted by the second calls
