@@ -175,6 +175,7 @@ class Regions:
         n = _fit(min(self.workers, len(pending)), next(iter(pending))[1][0])
         if n < 2:  # no room for worker processes on the GPU: compile here
             self.log(f"compile: {len(pending)} block graphs in this process (too little free GPU memory for more)")
+            self._stop_workers()
         else:
             jobs = [_job(module, group, args, signature[2], self) for (group, signature), (module, args) in pending]
             self.log(f"compile: {len(jobs)} block graphs in {n} processes")
@@ -392,8 +393,12 @@ def _compile_job(job: dict) -> bytes | None:
 def _run_once(fn, module: nn.Module, args: list) -> None:
     """One forward and backward of a new variant: inductor autotunes its kernels at their first
     launch and keeps the choices in this machine's cache folder, where the training process, which
-    loads the same kernels, finds them (SDXL on an H200: 10 s of its first step otherwise)."""
-    out = fn.fn(module, *args)
-    outs = [o for o in (out if isinstance(out, tuple) else (out,)) if isinstance(o, torch.Tensor) and o.requires_grad]
-    if outs:
-        torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    loads the same kernels, finds them (SDXL on an H200: 10 s of its first step otherwise). Only an
+    optimisation: if it fails (out of memory, say) the training process times the kernels itself."""
+    try:
+        out = fn.fn(module, *args)
+        outs = [o for o in (out if isinstance(out, tuple) else (out,)) if isinstance(o, torch.Tensor) and o.requires_grad]
+        if outs:
+            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    except Exception:  # noqa: BLE001  (the compiled variant is what the job returns)
+        pass
