@@ -58,6 +58,7 @@ def available() -> bool:
 
 MAX_WORKERS = 8  # SDXL has 14-15 distinct block graphs: two rounds of 8 (H200: 28 s, docs/benchmarks.md)
 WORKER_GIB = 2.0  # GPU memory a worker process may take (CUDA context, one block, autotuning)
+WORKER_HOST_GIB = 2.0  # and host memory (torch, inductor, its compile pool; 0.4 GiB measured on the CPU)
 
 
 def workers_for(setting: int, device: torch.device) -> int:
@@ -161,20 +162,23 @@ class Regions:
     def start_workers(self) -> None:
         """Start the worker processes now (they import torch and inductor while this one loads the
         model and runs the first step); `flush` uses them, then stops them."""
-        if self.workers > 1 and self.pool is None:
-            self.pool, self.pool_size = _pool(self.workers), self.workers
-            _submit(self.pool, _ready, range(self.workers))
+        n = _fit(self.workers)
+        if n > 1 and self.pool is None:
+            self.pool, self.pool_size = _pool(n), n
+            _submit(self.pool, _ready, range(n))
 
     def flush(self) -> bool:
         """Compile the calls recorded since the last flush (`workers` > 1), in up to `workers`
-        processes at once (fewer where the GPU's free memory holds fewer), and add their variants;
+        processes at once (fewer where free host or GPU memory holds fewer), and add their variants;
         True when there were any. A call no worker's variant accepts compiles in this process."""
         if not self.pending:
             return False
         pending, self.pending = list(self.pending.items()), {}
-        n = _fit(min(self.workers, len(pending)), next(iter(pending))[1][0])
-        if n < 2:  # no room for worker processes on the GPU: compile here
-            self.log(f"compile: {len(pending)} block graphs in this process (too little free GPU memory for more)")
+        room = _fit(self.workers, next(pending[0][1][0].parameters()).device)
+        n = min(room, len(pending))
+        if n < 2:  # one call, or no room for worker processes: compile here
+            if room < 2 <= self.workers:
+                self.log(f"compile: {len(pending)} block graphs in this process (too little free memory for more)")
             self._stop_workers()
         else:
             jobs = [_job(module, group, args, signature[2], self) for (group, signature), (module, args) in pending]
@@ -288,13 +292,26 @@ def meta_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def _fit(n: int, module: nn.Module) -> int:
-    """`n` worker processes, fewer where the GPU's free memory holds fewer (WORKER_GIB each)."""
-    device = next(module.parameters()).device
-    if device.type != "cuda" or n < 2:
+def _fit(n: int, device: torch.device | None = None) -> int:
+    """`n` worker processes, fewer where the host's available memory (WORKER_HOST_GIB each) or the
+    GPU's free memory (`device`, WORKER_GIB each) holds fewer."""
+    if n < 2:
         return n
-    free, _ = torch.cuda.mem_get_info(device)
-    return min(n, int(free / 2**30 // WORKER_GIB))
+    if (available := _host_available_gib()) is not None:
+        n = min(n, int(available // WORKER_HOST_GIB))
+    if device is not None and device.type == "cuda":
+        n = min(n, int(torch.cuda.mem_get_info(device)[0] / 2**30 // WORKER_GIB))
+    return n
+
+
+def _host_available_gib() -> float | None:
+    """MemAvailable of /proc/meminfo in GiB (None where there is none: not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    return kib / 2**20
 
 
 def _spec(a):

@@ -228,3 +228,11 @@ def test_workers_do_not_run_a_users_unguarded_script_again(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("SCRIPT RAN") == 1, p.stdout
     assert "COMPILED 2 2" in p.stdout, p.stdout  # the workers' variants, accepted by the second calls
+
+
+def test_workers_are_fewer_where_host_memory_holds_fewer(monkeypatch):
+    assert sys.platform != "linux" or precompile._host_available_gib() > 0  # read from /proc/meminfo
+    monkeypatch.setattr(precompile, "_host_available_gib", lambda: 5.0)  # 2 GiB counted per worker
+    assert precompile._fit(8) == 2 and precompile._fit(1) == 1
+    monkeypatch.setattr(precompile, "_host_available_gib", lambda: None)  # not Linux: no limit known
+    assert precompile._fit(8, torch.device("cpu")) == 8
