@@ -286,3 +286,15 @@ def test_train_passes_its_cudnn_setting(monkeypatch):
     assert TrainConfig().train.cudnn_benchmark is False
     run.make_fast(TrainConfig.from_dict({"train": {"cudnn_benchmark": True}}), c, [(64, 64)])
     assert seen["cudnn_benchmark"] is True
+
+
+def test_warm_up_flushes_until_nothing_new_was_compiled_then_at_most_three_rounds():
+    """speed._warm_up: after the first run, prepare() (Regions.flush) and one more run while it
+    compiled something, so a capture records no eager block; a flush that keeps finding calls stops."""
+    runs = []
+    answers = iter([True, True, False])
+    speed._warm_up(lambda: runs.append("run"), [], {}, warmup=2, prepare=lambda: next(answers))
+    assert len(runs) == 2 + 2  # two warm-ups, and one re-run after each flush that compiled something
+    runs.clear()
+    speed._warm_up(lambda: runs.append("run"), [], {}, warmup=2, prepare=lambda: True)
+    assert len(runs) == 2 + 3
