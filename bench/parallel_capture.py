@@ -21,10 +21,11 @@ import time
 import torch
 import torch.nn.functional as F
 from common import environment, write_json
+from steps import training_batch
 
 from eridiffusion import networks, precompile, speed
 from eridiffusion.families import FAMILIES
-from eridiffusion.models.unet import UNet, UNetConfig, sdxl_vector
+from eridiffusion.models.unet import UNet, UNetConfig
 
 
 def build(model: str, batch: int, size: int):
@@ -39,15 +40,8 @@ def build(model: str, batch: int, size: int):
         torch.nn.init.normal_(p, std=0.02)
     unet.gradient_checkpointing = True
     speed.optimize_for_training(unet, compile=False, fused_qkv=True, cudnn_benchmark=False)
-    g = torch.Generator(device="cuda").manual_seed(2)
-    x = torch.randn(batch, 4, size, size, device="cuda", generator=g, dtype=torch.bfloat16)
-    t = torch.randint(0, 1000, (batch,), device="cuda", generator=g)
-    ctx = torch.randn(batch, 77, cfg.context_dim, device="cuda", generator=g, dtype=torch.bfloat16)
-    pooled = torch.randn(batch, cfg.adm_in_channels - 6 * cfg.addition_time_embed_dim, device="cuda", generator=g)
-    ids = torch.tensor([[size * 8.0, size * 8, 0, 0, size * 8, size * 8]], device="cuda").repeat(batch, 1)
-    y = sdxl_vector(pooled, ids, cfg.addition_time_embed_dim).to(torch.bfloat16)
-    target = torch.randn_like(x)
-    return unet, net.lora_parameters(), (x, t, ctx, y, target)
+    inputs = training_batch(cfg, batch, size, torch.Generator(device="cuda").manual_seed(2))
+    return unet, net.lora_parameters(), inputs
 
 
 def describe(sig) -> str:

@@ -4,6 +4,7 @@
   graph; `eri train` keeps the optimizer, clipping and the NaN guard eager (speed.GraphedBackward).
 - `training_step(body, ...)`: a body run eagerly or as a GraphedStep.
 - `attention_priority(backend)`: SDPA kernel priority for a case.
+- `training_batch(cfg, batch, size, g)`: a random SDXL micro-batch, as the GPU tests and benchmarks draw it.
 - `compile_stages(unet)`: the "stages" compile scope, every `input_blocks.i` / `middle_block` /
   `output_blocks.i` whole, so the GroupNorm / proj_in / reshapes around the blocks fuse too.
 """
@@ -18,7 +19,21 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from eridiffusion.models.unet import sdxl_vector  # noqa: E402
 from eridiffusion.speed import _capture, _Replayed  # noqa: E402
+
+
+def training_batch(cfg, batch: int, size: int, g: torch.Generator, dtype=torch.bfloat16) -> tuple:
+    """(x, t, ctx, y, target) for `cfg` (a UNetConfig) at size × size latents, all drawn from the
+    CUDA generator `g` in this order; y from random pooled text and square-image time ids."""
+    x = torch.randn(batch, 4, size, size, device="cuda", generator=g, dtype=dtype)
+    t = torch.randint(0, 1000, (batch,), device="cuda", generator=g)
+    ctx = torch.randn(batch, 77, cfg.context_dim, device="cuda", generator=g, dtype=dtype)
+    pooled = torch.randn(batch, cfg.adm_in_channels - 6 * cfg.addition_time_embed_dim, device="cuda", generator=g)
+    time_ids = torch.tensor([[size * 8.0, size * 8, 0, 0, size * 8, size * 8]], device="cuda").repeat(batch, 1)
+    y = sdxl_vector(pooled, time_ids, cfg.addition_time_embed_dim).to(dtype)
+    target = torch.randn(batch, 4, size, size, device="cuda", generator=g, dtype=dtype)
+    return x, t, ctx, y, target
 
 
 def compile_stages(unet, mode: str | None = None, backend: str = "inductor", dynamic: bool | None = False) -> int:

@@ -43,6 +43,8 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 from torch import nn
 
+from eridiffusion.speed import mark_dynamic
+
 FORMAT = 1
 Log = Callable[[str], None]
 
@@ -118,7 +120,7 @@ class Regions:
         key = (id(module), signature)  # guards are checked once per block and call shape
         fn = self.memo.get(key)
         if fn is None:
-            fn = next((v for v in self.variants.get(group, ()) if v.guard_check(module, *args)), None)
+            fn = self._accepting(module, group, args)
             if fn is None and self.workers > 1:  # recorded for flush(); meanwhile eager, as torch would
                 self.pending.setdefault((group, signature), (module, args))
                 return type(module)._forward(module, *args)
@@ -127,6 +129,10 @@ class Regions:
                 return self.fallback[group](module, *args)  # marked by _compile
             self.memo[key] = fn
         return fn.fn(module, *args)
+
+    def _accepting(self, module: nn.Module, group: str, args: tuple):
+        """The group's first variant whose guards pass for this call, or None."""
+        return next((v for v in self.variants.get(group, ()) if v.guard_check(module, *args)), None)
 
     def _compile(self, module: nn.Module, group: str, args: tuple):
         """AOT-compile `type(module)._forward` at these arguments; None (and a fallback) when it cannot."""
@@ -153,9 +159,7 @@ class Regions:
         finally:
             for p, g in grads.items():
                 p.grad = g
-        self.variants.setdefault(group, []).append(compiled)
-        self.blobs.setdefault(group, []).append(blob)
-        self.homes[group] = type(module).__module__
+        self._keep(group, type(module).__module__, compiled, blob)
         self.compiled += 1
         return compiled
 
@@ -215,7 +219,7 @@ class Regions:
         under other global state: it would otherwise run eagerly and go out again every step)."""
         n = 0
         for (group, _), (module, args) in pending:
-            if group not in self.fallback and not any(v.guard_check(module, *args) for v in self.variants.get(group, ())):
+            if group not in self.fallback and self._accepting(module, group, args) is None:
                 self._compile(module, group, args)
                 n += 1
         return n
@@ -224,16 +228,20 @@ class Regions:
         from torch._dynamo.aot_compile import AOTCompiledFunction
 
         fn = AOTCompiledFunction.deserialize(blob, f_globals=vars(importlib.import_module(home)))
+        self._keep(group, home, fn, blob)
+
+    def _keep(self, group: str, home: str, fn, blob: bytes) -> None:
         self.variants.setdefault(group, []).append(fn)
         self.blobs.setdefault(group, []).append(blob)
         self.homes[group] = home
 
+    def dims(self, module: nn.Module) -> tuple:
+        """The (argument index, spatial dims) of `module`'s calls marked dynamic (`spatial`)."""
+        return next((d for c, d in self.spatial.items() if isinstance(module, c)), ())
+
     def _marked(self, module: nn.Module, args: tuple) -> tuple:
         """`args`, their spatial dims marked dynamic (`spatial`: several buckets share one graph)."""
-        for i, dims in next((d for c, d in self.spatial.items() if isinstance(module, c)), ()):
-            if i < len(args) and isinstance(args[i], torch.Tensor):
-                torch._dynamo.maybe_mark_dynamic(args[i], dims)
-        return args
+        return mark_dynamic(args, self.dims(module))
 
     def dumps(self) -> bytes:
         """Every variant, serialised (loaded ones and those compiled here)."""
@@ -341,10 +349,9 @@ def _submit(pool: ProcessPoolExecutor, fn, items) -> list:
 def _job(module: nn.Module, group: str, args: tuple, grad: bool, regions: Regions) -> dict:
     """What a worker needs to compile `module`'s call at `args` as this process would: the block
     on the meta device, the arguments' metadata, and the settings a graph depends on."""
-    dims = next((d for c, d in regions.spatial.items() if isinstance(module, c)), ())
     return {"module": meta_copy(module), "device": str(next(module.parameters()).device), "group": group,
             "home": type(module).__module__, "name": type(module).__name__, "args": [_spec(a) for a in args],
-            "dims": dims, "backend": regions.backend, "mode": regions.mode, "state": global_state(), "grad": grad,
+            "dims": regions.dims(module), "backend": regions.backend, "mode": regions.mode, "state": global_state(), "grad": grad,
             "functorch": {k: getattr(torch._functorch.config, k) for k in FUNCTORCH_SETTINGS
                           if hasattr(torch._functorch.config, k)}}  # fmt: skip
 

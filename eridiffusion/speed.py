@@ -53,10 +53,15 @@ class _SpatiallyDynamic:
         self.fn, self.dims = fn, dims
 
     def __call__(self, *args):
-        for i, dims in self.dims:
-            if i < len(args) and isinstance(args[i], torch.Tensor):
-                torch._dynamo.maybe_mark_dynamic(args[i], dims)
-        return self.fn(*args)
+        return self.fn(*mark_dynamic(args, self.dims))
+
+
+def mark_dynamic(args: tuple, dims: tuple[tuple[int, tuple[int, ...]], ...]) -> tuple:
+    """`args`, with the dims `dims` names ((argument index, dims) pairs) marked dynamic for dynamo."""
+    for i, d in dims:
+        if i < len(args) and isinstance(args[i], torch.Tensor):
+            torch._dynamo.maybe_mark_dynamic(args[i], d)
+    return args
 
 
 def several_shapes(buckets) -> bool:

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from eridiffusion import networks
-from eridiffusion.models.unet import UNet, UNetConfig, sdxl_vector
+from eridiffusion.models.unet import UNet, UNetConfig
 from eridiffusion.speed import optimize_for_training
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from steps import training_step  # noqa: E402  (bench-only: the whole step in one CUDA graph)
+from steps import training_batch, training_step  # noqa: E402  (bench-only: the whole step in one CUDA graph)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -43,14 +43,7 @@ def run(cfg: UNetConfig, steps: int, compile: bool, graph: bool, batch: int = 2,
     g = torch.Generator(device="cuda").manual_seed(2)
     losses = []
     for _ in range(steps):
-        x = torch.randn(batch, 4, size, size, device="cuda", generator=g, dtype=torch.bfloat16)
-        t = torch.randint(0, 1000, (batch,), device="cuda", generator=g)
-        ctx = torch.randn(batch, 77, cfg.context_dim, device="cuda", generator=g, dtype=torch.bfloat16)
-        pooled = torch.randn(batch, cfg.adm_in_channels - 6 * cfg.addition_time_embed_dim, device="cuda", generator=g)
-        time_ids = torch.tensor([[size * 8.0, size * 8, 0, 0, size * 8, size * 8]], device="cuda").repeat(batch, 1)
-        y = sdxl_vector(pooled, time_ids, cfg.addition_time_embed_dim).to(torch.bfloat16)
-        target = torch.randn(batch, 4, size, size, device="cuda", generator=g, dtype=torch.bfloat16)
-        losses.append(step(x, t, ctx, y, target).item())
+        losses.append(step(*training_batch(cfg, batch, size, g)).item())
     return torch.tensor(losses), torch.cat([p.detach().flatten() for p in params])
 
 
