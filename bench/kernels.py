@@ -1,4 +1,4 @@
-"""Two probes of the non-matmul time in the SDXL training step (issue 17, item 2), CUDA only.
+"""Three probes of the non-matmul time in the SDXL training step (issue 17, item 2), CUDA only.
 
     attention: forward + backward of every attention shape of an SDXL batch-4 1024² step
                (self-attention over 64² and 32² tokens, cross-attention over 77 text tokens,
@@ -10,7 +10,11 @@
                SDXL UNet; every device-to-device copy kernel (`memcpy*`, `Memcpy DtoD`) with the
                chain of ops that launched it, summed per chain.
 
-    python bench/kernels.py --out bench/results/kernels_h200.json [--only attention|copies]
+    geglu:     forward + backward of GEGLU at SDXL's two feed-forward shapes (batch 4, 1024²): the
+               plain ops compiled by inductor against eridiffusion.kernels' Triton op (eager and
+               compiled); ms per call, largest error of output and input gradient against fp32.
+
+    python bench/kernels.py --out bench/results/kernels_h200.json [--only attention|copies|geglu]
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from common import emit, environment, median, random_part, time_calls, write_json  # noqa: I001 (repo root on sys.path)
-from eridiffusion import checkpoint, networks, speed
+from eridiffusion import checkpoint, kernels, networks, speed
 
 SHAPES = (  # (name, batch, heads, query tokens, key tokens, head dim) at SDXL 1024², batch 4
     ("self 64x64", 4, 10, 4096, 4096, 64),
@@ -85,6 +89,35 @@ def bench_attention(rows: list[dict]) -> None:
             emit(row, rows)
 
 
+GEGLU_SHAPES = (("64x64, 640 ch", 4, 4096, 2560), ("32x32, 1280 ch", 4, 1024, 5120))  # (name, batch, tokens, n)
+
+
+def plain_geglu(y):
+    x, gate = y.chunk(2, dim=-1)
+    return x * F.gelu(gate)
+
+
+def bench_geglu(rows: list[dict]) -> None:
+    g = torch.Generator("cuda").manual_seed(0)
+    ways = {"inductor (plain ops)": torch.compile(plain_geglu, dynamic=False), "triton op": kernels.geglu,
+            "triton op, compiled": torch.compile(kernels.geglu, dynamic=False)}  # fmt: skip
+    for name, b, t, n in GEGLU_SHAPES:
+        y = torch.randn(b, t, 2 * n, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+        dout = torch.randn(b, t, n, device="cuda", dtype=torch.bfloat16, generator=g)
+        y32 = y.detach().float().requires_grad_()
+        ref = plain_geglu(y32)
+        (ref_grad,) = torch.autograd.grad(ref, y32, dout.float())
+        for way, fn in ways.items():
+            out = fn(y)
+            (grad,) = torch.autograd.grad(out, y, dout)
+            row = {"probe": "geglu", "shape": name, "way": way,
+                   "out_max_err": (out.float() - ref).abs().max().item(),
+                   "grad_max_err": (grad.float() - ref_grad).abs().max().item(),
+                   "fwd_ms": timed_ms(lambda: fn(y.detach())),
+                   "fwd_bwd_ms": timed_ms(lambda: torch.autograd.grad(fn(y), y, dout))}  # fmt: skip
+            emit(row, rows)
+
+
 def chain(evt) -> str:
     names = []
     while evt is not None and len(names) < 6:
@@ -130,7 +163,7 @@ def bench_copies(rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="all", choices=("all", "attention", "copies"))
+    ap.add_argument("--only", default="all", choices=("all", "attention", "copies", "geglu"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -142,6 +175,9 @@ def main(argv=None) -> int:
         write_json(args.out, env, rows)
     if args.only in ("all", "copies"):
         bench_copies(rows)
+        write_json(args.out, env, rows)
+    if args.only in ("all", "geglu"):
+        bench_geglu(rows)
         write_json(args.out, env, rows)
     return 0
 

@@ -51,6 +51,7 @@ class Case:
     dynamic: bool | None = False  # torch.compile's dynamic: None is what `eri train` uses (shape-generic after a recompile)
     fp8: bool = False  # train.fp8_matmul: the frozen transformer GEMMs in float8 (eridiffusion.fp8_matmul)
     lora: str = "plain"  # how LoRA layers run in compiled regions (eridiffusion.ops.COMPILED): "plain" or "function"
+    triton_geglu: bool = True  # GEGLU by eridiffusion.kernels' Triton op (ops.TRITON_GEGLU); False: plain ops
 
 
 CASES = [  # ours as `eri train` runs it (fused q/k/v); the peer runs the eager and checkpointing rows
@@ -60,6 +61,7 @@ CASES = [  # ours as `eri train` runs it (fused q/k/v); the peer runs the eager 
     Case("b4_eager", 4, fused_qkv=True),
     Case("b4_compile", 4, compile=True, fused_qkv=True),
     Case("b4_graph", 4, compile=True, graph=True, fused_qkv=True),
+    Case("b4_graph_plain_geglu", 4, compile=True, graph=True, fused_qkv=True, triton_geglu=False),
     Case("b4_graph_mem0.6", 4, compile=True, graph=True, fused_qkv=True, memory_budget=0.6),
     Case("b4_graph_mem0.8", 4, compile=True, graph=True, fused_qkv=True, memory_budget=0.8),
     Case("b4_graph_fp8", 4, compile=True, graph=True, fused_qkv=True, fp8=True),
@@ -528,8 +530,9 @@ def run_case(impl: str, case: Case, flops_per_image: float, peak: float, warmup:
            "attn": case.attn, "mode": case.mode, "graph": case.graph, "graph_backward": case.graph_backward,
            "memory_budget": case.memory_budget, "fused_qkv": case.fused_qkv and impl == "eridiffusion",
            "inductor": dict(case.inductor), "cudnn_benchmark": case.cudnn_benchmark, "dynamic": case.dynamic,
-           "fp8": case.fp8, "lora": case.lora}
+           "fp8": case.fp8, "lora": case.lora, "triton_geglu": case.triton_geglu}
     budget.enter_context(mock.patch.object(ops, "COMPILED", case.lora))  # read when the regions trace
+    budget.enter_context(mock.patch.object(ops, "TRITON_GEGLU", case.triton_geglu))
     with budget:
         built = build(case)
         step, model = built[0], built[2]

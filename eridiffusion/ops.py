@@ -7,7 +7,8 @@
   concatenated weights; LoRA updates ride along as one rank-Σr down projection and a
   block-diagonal up projection. Layers say what they hold through `linear_parts(dtype)`.
 - `geglu` and `Conv2d`: the same maths as autograd's, keeping fewer tensors for backward
-  (eager training; compiled regions use the plain ops and let the partitioner choose).
+  (eager training; compiled regions use the plain ops and let the partitioner choose). On CUDA,
+  `geglu` is `kernels.geglu` (Triton, forward and backward), eager and compiled.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import kernels
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -144,9 +147,16 @@ class _GEGLU(torch.autograd.Function):
         return torch.cat([grad * F.gelu(gate), torch.ops.aten.gelu_backward(grad * x, gate)], dim=-1)
 
 
+# GEGLU on CUDA runs eridiffusion.kernels' Triton op (eager and compiled): inductor's own backward
+# for it was 11.6 ms of SDXL's batch-4 step on an H200. False: plain ops (the benchmark's A/B).
+TRITON_GEGLU = True
+
+
 def geglu(y: torch.Tensor) -> torch.Tensor:
     """y = [x, gate] (…, 2n) → x · gelu(gate) (…, n). Autograd would keep gelu(gate) beside y
     (n more values per token: 3.1 GiB at SDXL batch 4, 1024²); this keeps y alone."""
+    if TRITON_GEGLU and kernels.available(y):
+        return kernels.geglu(y)
     if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and y.requires_grad):
         x, gate = y.chunk(2, dim=-1)
         return x * F.gelu(gate)
