@@ -14,7 +14,12 @@
                plain ops compiled by inductor against eridiffusion.kernels' Triton op (eager and
                compiled); ms per call, largest error of output and input gradient against fp32.
 
-    python bench/kernels.py --out bench/results/kernels_h200.json [--only attention|copies|geglu]
+    saved:     what one compiled SDXL transformer block (1280 channels, 32² tokens, batch 4, LoRA on
+               the default targets, fused q/k/v) keeps for backward with each GEGLU way: MiB and
+               the shapes of the kept tensors (the partitioner may recompute plain ops, never a
+               Triton op's output).
+
+    python bench/kernels.py --out bench/results/kernels_h200.json [--only attention|copies|geglu|saved]
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import sys
+import types
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +124,48 @@ def bench_geglu(rows: list[dict]) -> None:
             emit(row, rows)
 
 
+def saved_by_block(triton_geglu: bool) -> dict:
+    from eridiffusion import ops
+    from eridiffusion.models.unet import BasicTransformerBlock
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    holder = torch.nn.Module()  # names like "a.transformer_blocks.0.ff.net.2", as the LoRA targets ask
+    holder.a = torch.nn.Module()
+    holder.a.transformer_blocks = torch.nn.ModuleList([BasicTransformerBlock(1280, 2048, 20)])
+    holder.to("cuda", torch.bfloat16).requires_grad_(False)
+    holder.cfg = types.SimpleNamespace(adm_in_channels=2816)  # SDXL's: kohya's "ldm" key naming
+    networks.inject(holder, "unet", rank=16, alpha=16)
+    block = holder.a.transformer_blocks[0]
+    speed.fuse_qkv(holder)
+    speed.compile_regions(holder)
+    x = torch.randn(4, 1024, 1280, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ctx = torch.randn(4, 77, 2048, device="cuda", dtype=torch.bfloat16)
+    params = {p.untyped_storage().data_ptr() for p in holder.parameters()}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            kept[t.untyped_storage().data_ptr()] = (tuple(t.shape), str(t.dtype), t.untyped_storage().nbytes())
+        return t
+
+    old, ops.TRITON_GEGLU = ops.TRITON_GEGLU, triton_geglu
+    try:
+        block(x, ctx).sum().backward()  # compiles
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = block(x, ctx)
+        out.sum().backward()
+    finally:
+        ops.TRITON_GEGLU = old
+    return {"probe": "saved", "triton_geglu": triton_geglu, "kept_mib": sum(v[2] for v in kept.values()) / 2**20,
+            "kept": sorted(kept.values(), key=lambda v: -v[2])}  # fmt: skip
+
+
+def bench_saved(rows: list[dict]) -> None:
+    for triton_geglu in (False, True):
+        emit(saved_by_block(triton_geglu), rows)
+
+
 def chain(evt) -> str:
     names = []
     while evt is not None and len(names) < 6:
@@ -163,7 +211,7 @@ def bench_copies(rows: list[dict]) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="all", choices=("all", "attention", "copies", "geglu"))
+    ap.add_argument("--only", default="all", choices=("all", "attention", "copies", "geglu", "saved"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -178,6 +226,9 @@ def main(argv=None) -> int:
         write_json(args.out, env, rows)
     if args.only in ("all", "geglu"):
         bench_geglu(rows)
+        write_json(args.out, env, rows)
+    if args.only in ("all", "saved"):
+        bench_saved(rows)
         write_json(args.out, env, rows)
     return 0
 

@@ -69,6 +69,8 @@ CASES = [  # ours as `eri train` runs it (fused q/k/v); the peer runs the eager 
     Case("b8_graph", 8, compile=True, graph=True, fused_qkv=True),
     Case("b8_checkpointing", 8, checkpointing=True, fused_qkv=True),
     Case("b8_checkpointing_graph", 8, compile=True, checkpointing=True, graph=True, fused_qkv=True),
+    Case("b8_checkpointing_graph_plain_geglu", 8, compile=True, checkpointing=True, graph=True, fused_qkv=True,
+         triton_geglu=False),
 ]
 # Variants of our step measured one change at a time (bench/train_step.py --variants).
 VARIANTS = [
