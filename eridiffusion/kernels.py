@@ -25,7 +25,7 @@ BLOCK = 1024  # columns per program: 8 bf16 values (16 bytes) per thread with 4 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: the ops run their plain-torch path
+except (ImportError, RuntimeError):  # CPU-only installs (or a Triton without its driver): the plain-torch path
     triton = None
 
 
