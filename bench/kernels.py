@@ -209,27 +209,22 @@ def bench_copies(rows: list[dict]) -> None:
         emit({"probe": "copies", "launched_by": key, "count": n, "ms": ms}, rows)
 
 
+PROBES = {"attention": bench_attention, "copies": bench_copies, "geglu": bench_geglu, "saved": bench_saved}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="all", choices=("all", "attention", "copies", "geglu", "saved"))
+    ap.add_argument("--only", default="all", choices=("all", *PROBES))
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench/kernels.py needs CUDA")
     speed.set_fast_math()
     env, rows = environment(torch.device("cuda")), []
-    if args.only in ("all", "attention"):
-        bench_attention(rows)
-        write_json(args.out, env, rows)
-    if args.only in ("all", "copies"):
-        bench_copies(rows)
-        write_json(args.out, env, rows)
-    if args.only in ("all", "geglu"):
-        bench_geglu(rows)
-        write_json(args.out, env, rows)
-    if args.only in ("all", "saved"):
-        bench_saved(rows)
-        write_json(args.out, env, rows)
+    for name, probe in PROBES.items():
+        if args.only in ("all", name):
+            probe(rows)
+            write_json(args.out, env, rows)
     return 0
 
 

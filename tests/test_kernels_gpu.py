@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from eridiffusion import kernels
+from test_ops import plain_geglu  # the spec: x · gelu(gate) in plain ops
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-
-def plain_geglu(y):
-    x, gate = y.chunk(2, dim=-1)
-    return x * F.gelu(gate)
 
 
 def errors(fn, y, dout):
