@@ -16,6 +16,8 @@ Triton may be absent.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.library import triton_op, wrap_triton
@@ -71,6 +73,13 @@ def _reference_backward(grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.cat([grad * F.gelu(gate), torch.ops.aten.gelu_backward(grad * x, gate)], dim=-1)
 
 
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: switch to the tensors' one if it differs
+    (a single process on cuda:1; torchrun ranks and compiled code already run on theirs)."""
+    same = device.index is None or device.index == torch.cuda.current_device()
+    return contextlib.nullcontext() if same else torch.cuda.device(device)
+
+
 @triton_op("eridiffusion::geglu", mutates_args=())
 def _geglu(y: torch.Tensor) -> torch.Tensor:
     if not y.is_cuda:
@@ -79,7 +88,8 @@ def _geglu(y: torch.Tensor) -> torch.Tensor:
     n = y.shape[-1] // 2
     out = y.new_empty(*y.shape[:-1], n)
     grid = (y.numel() // (2 * n), triton.cdiv(n, BLOCK))
-    wrap_triton(_geglu_forward_kernel)[grid](y, out, n, BLOCK=BLOCK, num_warps=4)
+    with _on(y.device):
+        wrap_triton(_geglu_forward_kernel)[grid](y, out, n, BLOCK=BLOCK, num_warps=4)
     return out
 
 
@@ -91,7 +101,8 @@ def _geglu_backward(grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     n = y.shape[-1] // 2
     dy = torch.empty_like(y)
     grid = (y.numel() // (2 * n), triton.cdiv(n, BLOCK))
-    wrap_triton(_geglu_backward_kernel)[grid](y, grad, dy, n, BLOCK=BLOCK, num_warps=4)
+    with _on(y.device):
+        wrap_triton(_geglu_backward_kernel)[grid](y, grad, dy, n, BLOCK=BLOCK, num_warps=4)
     return dy
 
 

@@ -55,3 +55,12 @@ def test_geglu_op_in_inductor_on_the_cpu_matches_eager():
 def test_geglu_refuses_an_odd_last_dim():
     with pytest.raises(ValueError, match="must be even"):
         kernels.geglu(torch.zeros(2, 5))
+
+
+def test_launches_switch_to_the_tensors_device_only_when_it_is_not_the_current_one(monkeypatch):
+    """Triton launches on the current device: a single process training on cuda:1 must switch."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: ("switch to", d))
+    assert kernels._on(torch.device("cuda", 1)) == ("switch to", torch.device("cuda", 1))
+    assert not isinstance(kernels._on(torch.device("cuda", 0)), tuple)
+    assert not isinstance(kernels._on(torch.device("cuda")), tuple)
