@@ -17,6 +17,7 @@ Triton may be absent.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -80,8 +81,21 @@ def _on(device: torch.device):
     return contextlib.nullcontext() if same else torch.cuda.device(device)
 
 
-@triton_op("eridiffusion::geglu", mutates_args=())
-def _geglu(y: torch.Tensor) -> torch.Tensor:
+@contextlib.contextmanager
+def _quiet_without_triton():
+    """torch warns on stderr, when it defines a triton_op, that it finds no Triton: expected on
+    CPU-only installs, and a line the CLI must not print."""
+    log = logging.getLogger("torch._library.triton")
+    level = log.level
+    if triton is None:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _geglu_forward_impl(y: torch.Tensor) -> torch.Tensor:
     if not y.is_cuda:
         return _reference_forward(y)
     y = y.contiguous()
@@ -93,8 +107,7 @@ def _geglu(y: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@triton_op("eridiffusion::geglu_backward", mutates_args=())
-def _geglu_backward(grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _geglu_backward_impl(grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if not y.is_cuda:
         return _reference_backward(grad, y)
     y, grad = y.contiguous(), grad.contiguous()
@@ -104,6 +117,11 @@ def _geglu_backward(grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     with _on(y.device):
         wrap_triton(_geglu_backward_kernel)[grid](y, grad, dy, n, BLOCK=BLOCK, num_warps=4)
     return dy
+
+
+with _quiet_without_triton():
+    _geglu = triton_op("eridiffusion::geglu", mutates_args=())(_geglu_forward_impl)
+    _geglu_backward = triton_op("eridiffusion::geglu_backward", mutates_args=())(_geglu_backward_impl)
 
 
 def _save_y(ctx, inputs, output) -> None:
