@@ -33,8 +33,9 @@ except (ImportError, RuntimeError):  # CPU-only installs (or a Triton without it
 
 
 def available(t: torch.Tensor) -> bool:
-    """Whether the Triton path runs for `t` (a CUDA tensor, Triton importable)."""
-    return t.is_cuda and triton is not None
+    """Whether the Triton path suits `t`: a CUDA tensor in fp32 or lower (the kernels compute
+    in fp32), Triton importable."""
+    return t.is_cuda and t.dtype in (torch.float32, torch.bfloat16, torch.float16) and triton is not None
 
 
 if triton is not None:  # Φ(g) = ½(1 + erf(g/√2)), φ(g) = exp(−g²/2)/√(2π); literals: Triton reads no globals
