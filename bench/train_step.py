@@ -315,7 +315,7 @@ CATEGORIES = [  # kernel-name patterns -> category, first match wins
     ("norm", ("group_norm", "layer_norm", "groupnorm", "layernorm", "welford", "red_fused_native_group_norm")),
     ("conv", ("conv", "implicit", "dgrad", "wgrad", "fprop", "winograd")),
     ("matmul", ("gemm", "cutlass", "xmma", "sm90", "nvjet", "matmul")),
-    ("fused elementwise (triton)", ("triton",)),
+    ("fused elementwise (triton)", ("triton", "_geglu_")),  # inductor's triton_* and eridiffusion.kernels'
     ("copy/cast", ("copy", "cast", "to_copy", "cat", "transpose")),
 ]
 
