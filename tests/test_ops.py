@@ -1,4 +1,5 @@
-"""ops.geglu and ops.Conv2d: autograd's numbers, fewer tensors kept for backward."""
+"""ops.geglu (and kernels.geglu's op on its CPU path) and ops.Conv2d: autograd's numbers, fewer
+tensors kept for backward."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eridiffusion import ops
+from eridiffusion import kernels, ops
 
 
 def plain_geglu(y):
@@ -16,13 +17,14 @@ def plain_geglu(y):
     return x * F.gelu(gate)
 
 
-def test_geglu_gives_autograds_gradient_bit_for_bit_and_keeps_y_alone(kept_bytes):
+@pytest.mark.parametrize("geglu", [ops.geglu, kernels.geglu], ids=["ops", "kernels-op-cpu-path"])
+def test_geglu_gives_autograds_gradient_bit_for_bit_and_keeps_y_alone(kept_bytes, geglu):
     for dtype in (torch.float32, torch.bfloat16):
         g = torch.Generator().manual_seed(0)
         y = torch.randn(3, 5, 16, generator=g).to(dtype)
         grad = torch.randn(3, 5, 8, generator=g).to(dtype)
         y1, y2 = y.clone().requires_grad_(), y.clone().requires_grad_()
-        out1, kept1 = kept_bytes(ops.geglu, y1)
+        out1, kept1 = kept_bytes(geglu, y1)
         out2, kept2 = kept_bytes(plain_geglu, y2)
         out1.backward(grad)
         out2.backward(grad)
@@ -30,7 +32,7 @@ def test_geglu_gives_autograds_gradient_bit_for_bit_and_keeps_y_alone(kept_bytes
         assert kept1 == y.numel() * y.element_size()  # y alone
         assert kept2 == kept1 * 3 // 2  # autograd also keeps gelu(gate)
     with torch.no_grad():  # no autograd: the plain formula
-        assert torch.equal(ops.geglu(y), plain_geglu(y))
+        assert torch.equal(geglu(y), plain_geglu(y))
 
 
 def test_conv2d_with_a_frozen_weight_keeps_no_input_and_gives_the_input_gradient(kept_bytes):
