@@ -61,11 +61,11 @@ def run(args, compiled: bool) -> dict:
         call = regions.call
 
         def watched(module, group, a):  # a call that ran eagerly (no variant accepted it), with the capture state
-            key = (id(module), precompile._signature(module, a))
+            sig = precompile._signature(module, a)
             out = call(module, group, a)
-            if key not in regions.memo and group not in regions.fallback:
+            if (id(module), sig) not in regions.memo and group not in regions.fallback:
                 events.append({"miss": names[id(module)], "capturing": torch.cuda.is_current_stream_capturing(),
-                               "call": describe(precompile._signature(module, a))})  # fmt: skip
+                               "call": describe(sig)})  # fmt: skip
             return out
 
         regions.call = watched

@@ -65,12 +65,14 @@ if triton is not None:  # Φ(g) = ½(1 + erf(g/√2)), φ(g) = exp(−g²/2)/√
         tl.store(dy_ptr + row * 2 * n + n + cols, (grad * x * (cdf + gate * pdf)).to(kind), mask=mask)
 
 
-def _reference_forward(y: torch.Tensor) -> torch.Tensor:
+def geglu_plain(y: torch.Tensor) -> torch.Tensor:
+    """GEGLU in plain torch ops (what the kernels compute; autograd's formula)."""
     x, gate = y.chunk(2, dim=-1)
     return x * F.gelu(gate)
 
 
-def _reference_backward(grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def geglu_plain_backward(grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """y's gradient in plain torch ops: autograd's (`gelu_backward` of grad · x, grad · gelu(gate))."""
     x, gate = y.chunk(2, dim=-1)
     return torch.cat([grad * F.gelu(gate), torch.ops.aten.gelu_backward(grad * x, gate)], dim=-1)
 
@@ -98,7 +100,7 @@ def _quiet_without_triton():
 
 def _geglu_forward_impl(y: torch.Tensor) -> torch.Tensor:
     if not y.is_cuda:
-        return _reference_forward(y)
+        return geglu_plain(y)
     y = y.contiguous()
     n = y.shape[-1] // 2
     out = y.new_empty(*y.shape[:-1], n)
@@ -110,7 +112,7 @@ def _geglu_forward_impl(y: torch.Tensor) -> torch.Tensor:
 
 def _geglu_backward_impl(grad: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if not y.is_cuda:
-        return _reference_backward(grad, y)
+        return geglu_plain_backward(grad, y)
     y, grad = y.contiguous(), grad.contiguous()
     n = y.shape[-1] // 2
     dy = torch.empty_like(y)

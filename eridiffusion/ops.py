@@ -136,15 +136,13 @@ class _GEGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y):
-        x, gate = y.chunk(2, dim=-1)
         ctx.save_for_backward(y)
-        return x * F.gelu(gate)
+        return kernels.geglu_plain(y)
 
     @staticmethod
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
-        x, gate = y.chunk(2, dim=-1)
-        return torch.cat([grad * F.gelu(gate), torch.ops.aten.gelu_backward(grad * x, gate)], dim=-1)
+        return kernels.geglu_plain_backward(grad, y)
 
 
 # GEGLU on CUDA runs eridiffusion.kernels' Triton op (eager and compiled): inductor's own backward
@@ -158,8 +156,7 @@ def geglu(y: torch.Tensor) -> torch.Tensor:
     if TRITON_GEGLU and kernels.available(y):
         return kernels.geglu(y)
     if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and y.requires_grad):
-        x, gate = y.chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        return kernels.geglu_plain(y)
     return _GEGLU.apply(y)
 
 

@@ -67,7 +67,7 @@ def workers_for(setting: int, device: torch.device) -> int:
     """`train.compile_workers` as the number of processes `Regions` compiles in (1: this one, as
     calls come). 0 (auto): on CUDA half the CPU cores this process's share of the machine has
     (torchrun's LOCAL_WORLD_SIZE ranks share it), at most MAX_WORKERS; elsewhere 1. `flush`
-    lowers it further to what the GPU's free memory allows."""
+    lowers it further to what the host's available and the GPU's free memory allow (`_fit`)."""
     if setting > 0:
         return setting
     if device.type != "cuda":
