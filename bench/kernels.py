@@ -15,9 +15,8 @@
                compiled); ms per call, largest error of output and input gradient against fp32.
 
     saved:     what one compiled SDXL transformer block (1280 channels, 32² tokens, batch 4, LoRA on
-               the default targets, fused q/k/v) keeps for backward with each GEGLU way: MiB and
-               the shapes of the kept tensors (the partitioner may recompute plain ops, never a
-               Triton op's output).
+               the default targets, fused q/k/v) keeps for backward with each GEGLU way and
+               partitioner setting (SAVED_WAYS): MiB and the shapes of the kept tensors.
 
     python bench/kernels.py --out bench/results/kernels_h200.json [--only attention|copies|geglu|saved]
 """
@@ -119,7 +118,7 @@ def bench_geglu(rows: list[dict]) -> None:
             emit(row, rows)
 
 
-def saved_by_block(triton_geglu: bool) -> dict:
+def saved_by_block(triton_geglu: bool, partitioner: dict, recompute: bool) -> dict:
     from eridiffusion import ops
     from eridiffusion.models.unet import BasicTransformerBlock
 
@@ -133,6 +132,7 @@ def saved_by_block(triton_geglu: bool) -> dict:
     networks.inject(holder, "unet", rank=16, alpha=16)
     block = holder.a.transformer_blocks[0]
     speed.fuse_qkv(holder)
+    speed.recompute_in_backward(holder, recompute)
     speed.compile_regions(holder)
     x = torch.randn(4, 1024, 1280, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     ctx = torch.randn(4, 77, 2048, device="cuda", dtype=torch.bfloat16)
@@ -146,19 +146,29 @@ def saved_by_block(triton_geglu: bool) -> dict:
 
     old, ops.TRITON_GEGLU = ops.TRITON_GEGLU, triton_geglu
     try:
-        block(x, ctx).sum().backward()  # compiles
+        with torch._functorch.config.patch(partitioner):
+            block(x, ctx).sum().backward()  # compiles
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = block(x, ctx)
         out.sum().backward()
     finally:
         ops.TRITON_GEGLU = old
-    return {"probe": "saved", "triton_geglu": triton_geglu, "kept_mib": sum(v[2] for v in kept.values()) / 2**20,
+    return {"probe": "saved", "triton_geglu": triton_geglu, "partitioner": partitioner, "recompute": recompute,
+            "kept_mib": sum(v[2] for v in kept.values()) / 2**20,
             "kept": sorted(kept.values(), key=lambda v: -v[2])}  # fmt: skip
 
 
+SAVED_WAYS = (  # (Triton GEGLU, torch._functorch.config settings while the block compiles, GEGLU.recompute)
+    (False, {}, False), (True, {}, False), (True, {"ban_recompute_materialized_backward": False}, False),
+    (True, {"ban_recompute_materialized_backward": False, "ban_recompute_not_in_allowlist": False}, False),
+    (True, {"aggressive_recomputation": True}, False),
+    (True, {"ban_recompute_materialized_backward": False}, True),  # as eri train compiles it (speed.partitioner)
+)
+
+
 def bench_saved(rows: list[dict]) -> None:
-    for triton_geglu in (False, True):
-        emit(saved_by_block(triton_geglu), rows)
+    for triton_geglu, partitioner, recompute in SAVED_WAYS:
+        emit(saved_by_block(triton_geglu, partitioner, recompute), rows)
 
 
 def chain(evt) -> str:

@@ -47,11 +47,15 @@ class Case:
     memory_budget: float | None = None  # torch._functorch activation_memory_budget for the compiled regions
     fused_qkv: bool = False  # self-attention q, k, v (and their LoRA) as one GEMM (eridiffusion.speed.fuse_qkv)
     inductor: tuple = ()  # (name, value) pairs of torch._inductor.config in force while the regions compile
+    functorch: tuple = ()  # (name, value) pairs of torch._functorch.config (the partitioner's) while they compile
     cudnn_benchmark: bool = True  # cuDNN autotuning (its trial workspaces count in the first step's peak)
     dynamic: bool | None = False  # torch.compile's dynamic: None is what `eri train` uses (shape-generic after a recompile)
     fp8: bool = False  # train.fp8_matmul: the frozen transformer GEMMs in float8 (eridiffusion.fp8_matmul)
     lora: str = "plain"  # how LoRA layers run in compiled regions (eridiffusion.ops.COMPILED): "plain" or "function"
     triton_geglu: bool = True  # GEGLU by eridiffusion.kernels' Triton op (ops.TRITON_GEGLU); False: plain ops
+    targets: str = "attention"  # LoRA targets: "attention" (ATTN_TARGETS, the peer's) or "default" (eri train's)
+    recompute: bool | None = None  # cheap recomputes in compiled backward (speed.partitioner's remat, GEGLU
+    # outputs); None: as eri train (on unless checkpointing)
 
 
 CASES = [  # ours as `eri train` runs it (fused q/k/v); the peer runs the eager and checkpointing rows
@@ -65,6 +69,15 @@ CASES = [  # ours as `eri train` runs it (fused q/k/v); the peer runs the eager 
     Case("b4_graph_mem0.6", 4, compile=True, graph=True, fused_qkv=True, memory_budget=0.6),
     Case("b4_graph_mem0.8", 4, compile=True, graph=True, fused_qkv=True, memory_budget=0.8),
     Case("b4_graph_fp8", 4, compile=True, graph=True, fused_qkv=True, fp8=True),
+    Case("b4_graph_keep", 4, compile=True, graph=True, fused_qkv=True, recompute=False),  # before 2026-11-29 (9th)
+    Case("b4_graph_all", 4, compile=True, graph=True, fused_qkv=True, targets="default"),
+    Case("b4_graph_all_keep", 4, compile=True, graph=True, fused_qkv=True, targets="default", recompute=False),
+    Case("b4_graph_remat", 4, compile=True, graph=True, fused_qkv=True, recompute=False,  # the remat flag alone
+         functorch=(("ban_recompute_materialized_backward", False),)),
+    Case("b4_graph_remat_ops", 4, compile=True, graph=True, fused_qkv=True, recompute=False,  # any op but matmuls
+         functorch=(("ban_recompute_materialized_backward", False), ("ban_recompute_not_in_allowlist", False))),
+    Case("b4_graph_aggressive", 4, compile=True, graph=True, fused_qkv=True, recompute=False,
+         functorch=(("aggressive_recomputation", True),)),
     Case("b8_eager", 8, fused_qkv=True),
     Case("b8_graph", 8, compile=True, graph=True, fused_qkv=True),
     Case("b8_checkpointing", 8, checkpointing=True, fused_qkv=True),
@@ -162,7 +175,7 @@ def build_ours(case: Case):
     with torch.device("cuda"):
         unet = UNet(UNetConfig.sdxl())
     unet.to(torch.bfloat16).requires_grad_(False)
-    net = networks.inject(unet, "unet", rank=16, alpha=16, targets=ATTN_TARGETS)
+    net = networks.inject(unet, "unet", rank=16, alpha=16, targets=ATTN_TARGETS if case.targets == "attention" else None)
     net.to("cuda")
     unet.gradient_checkpointing = case.checkpointing
     unet.train()
@@ -172,7 +185,8 @@ def build_ours(case: Case):
         enable_fp8_matmul(unet)
     stages = case.compile and case.scope == "stages"
     forward = optimize_for_training(unet, compile=case.compile and not stages, channels_last=case.channels_last,
-                                    mode=case.mode, fused_qkv=case.fused_qkv, dynamic=case.dynamic)
+                                    mode=case.mode, fused_qkv=case.fused_qkv, dynamic=case.dynamic,
+                                    recompute=case.recompute)
     if stages:
         compile_stages(unet, mode=case.mode, dynamic=case.dynamic)
     params = net.lora_parameters()
@@ -519,20 +533,24 @@ def fp8_fidelity(unet) -> float:
 
 
 def run_case(impl: str, case: Case, flops_per_image: float, peak: float, warmup: int, iters: int) -> dict:
-    from eridiffusion import ops
+    from eridiffusion import ops, speed
 
     build = build_ours if impl == "eridiffusion" else build_peer
     budget = contextlib.ExitStack()  # settings read when the regions compile, in the first step
-    if case.memory_budget is not None:
-        budget.enter_context(torch._functorch.config.patch(activation_memory_budget=case.memory_budget))
+    recompute = not case.checkpointing if case.recompute is None else case.recompute
+    recompute = recompute and impl == "eridiffusion"  # the peer compiles under torch's defaults
+    budget.enter_context(speed.partitioner(case.memory_budget or 1.0, remat=recompute))
     if case.inductor:
         budget.enter_context(torch._inductor.config.patch(dict(case.inductor)))
+    if case.functorch:
+        budget.enter_context(torch._functorch.config.patch(dict(case.functorch)))
     row = {"impl": impl, "config": case.name, "batch": case.batch, "compile": case.compile,
            "checkpointing": case.checkpointing, "scope": case.scope, "channels_last": case.channels_last,
            "attn": case.attn, "mode": case.mode, "graph": case.graph, "graph_backward": case.graph_backward,
            "memory_budget": case.memory_budget, "fused_qkv": case.fused_qkv and impl == "eridiffusion",
-           "inductor": dict(case.inductor), "cudnn_benchmark": case.cudnn_benchmark, "dynamic": case.dynamic,
-           "fp8": case.fp8, "lora": case.lora, "triton_geglu": case.triton_geglu}
+           "inductor": dict(case.inductor), "functorch": dict(case.functorch), "cudnn_benchmark": case.cudnn_benchmark,
+           "dynamic": case.dynamic, "fp8": case.fp8, "lora": case.lora, "targets": case.targets,
+           "triton_geglu": case.triton_geglu, "recompute": recompute}
     budget.enter_context(mock.patch.object(ops, "COMPILED", case.lora))  # read when the regions trace
     budget.enter_context(mock.patch.object(ops, "TRITON_GEGLU", case.triton_geglu))
     with budget:

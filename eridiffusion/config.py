@@ -180,6 +180,7 @@ class TrainSection:
     cuda_graph: bool = False  # replay forward + backward from CUDA graphs (one per bucket shape)
     fp8_matmul: bool = False  # LoRA: the frozen base's transformer GEMMs in float8 (eridiffusion/fp8_matmul.py; CUDA ≥ 8.9)
     memory_budget: float = 1.0  # with compile: share of activations the compiled regions keep (< 1 recomputes)
+    keep_activations: bool = False  # with compile: keep GEGLU / LayerNorm outputs for backward (faster, more memory)
     cudnn_benchmark: bool = False  # CUDA: cuDNN times its convolution algorithms at each new shape (seconds per bucket)
     compile_workers: int = 0  # with compile + cache.precompile: processes compiling block graphs at once (0 = auto)
     max_grad_norm: float = 1.0  # 0 = no clipping
@@ -369,10 +370,12 @@ class TrainConfig:
             ("train.epochs", t.epochs >= 0, ">= 0"),
             ("train.max_steps", t.max_steps > 0 or t.epochs > 0, "> 0, or set train.epochs > 0"),
             ("train.max_grad_norm", t.max_grad_norm >= 0, ">= 0 (0 = no clipping)"),
-            ("train.memory_budget", 0.0 < t.memory_budget <= 1.0, "in (0, 1] (1 = keep every activation)"),
+            ("train.memory_budget", 0.0 < t.memory_budget <= 1.0, "in (0, 1] (1 = no budget)"),
             ("train.compile_workers", t.compile_workers >= 0, ">= 0 (0 = auto, 1 = compile in the training process)"),
             ("train.memory_budget", t.memory_budget == 1.0 or t.compile,
              "1 without train.compile (the budget applies to compiled regions): set train.compile=true"),
+            ("train.keep_activations", not t.keep_activations or t.compile,
+             "false without train.compile (it applies to compiled regions): set train.compile=true"),
             ("train.noise_offset", t.noise_offset >= 0, ">= 0"),
             ("train.min_snr_gamma", t.min_snr_gamma >= 0, ">= 0 (0 = off)"),
             ("train.huber_c", 0.0 < t.huber_c <= 1.0, "in (0, 1]"),

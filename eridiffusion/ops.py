@@ -7,8 +7,9 @@
   concatenated weights; LoRA updates ride along as one rank-Σr down projection and a
   block-diagonal up projection. Layers say what they hold through `linear_parts(dtype)`.
 - `geglu` and `Conv2d`: the same maths as autograd's, keeping fewer tensors for backward
-  (eager training; compiled regions use the plain ops and let the partitioner choose). On CUDA,
-  `geglu` is `kernels.geglu` (Triton, forward and backward), eager and compiled.
+  (eager training; compiled regions use the plain ops and let the partitioner choose, except
+  where `recomputed` says). On CUDA, `geglu` is `kernels.geglu` (Triton, forward and backward),
+  eager and compiled.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import kernels
 
@@ -83,19 +85,25 @@ COMPILED = "plain"
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor], bias: torch.Tensor | None,
-                down: torch.Tensor | None, up: torch.Tensor | None) -> torch.Tensor:
+                down: torch.Tensor | None, up: torch.Tensor | None, recompute: bool = False) -> torch.Tensor:
     """x (…, in) → x Wᵀ + b + (x downᵀ) upᵀ; `up` carries the scale; all in x's dtype. `weight`
-    may be a sequence of row blocks of W (frozen), concatenated on the fly and never saved."""
+    may be a sequence of row blocks of W (frozen), concatenated on the fly and never saved
+    (compiled: with `recompute`; else the partitioner may keep the concatenation)."""
     weights = (weight,) if torch.is_tensor(weight) else tuple(weight)
     if COMPILED == "plain" and torch.compiler.is_compiling():
-        return _traced_lora_linear(x, weights, bias, down, up)
+        return _traced_lora_linear(x, weights, bias, down, up, recompute)
     return _LoRALinear.apply(x, bias, down, up, *weights)
 
 
-def _traced_lora_linear(x, weights, bias, down, up) -> torch.Tensor:
+def _traced_lora_linear(x, weights, bias, down, up, recompute: bool = False) -> torch.Tensor:
     """`lora_linear` as plain ops for a compiled graph. The LoRA branch reshapes x on its own, so
-    in backward the two halves of x's gradient are added as views (`_plain`), not as `mm + c`."""
-    weight = weights[0] if len(weights) == 1 else torch.cat(weights)
+    in backward the two halves of x's gradient are added as views (`_plain`), not as `mm + c`.
+    `recompute`: row blocks of W are concatenated again in backward rather than kept (the
+    partitioner keeps the (Σ out, in) copy: 9.4 MiB per SDXL self-attention, 0.64 GiB in all)."""
+    if len(weights) == 1:
+        weight = weights[0]
+    else:
+        weight = recomputed(_cat, *weights) if recompute else torch.cat(weights)
     x2, shape = x.reshape(-1, x.shape[-1]), (*x.shape[:-1], weight.shape[0])
     update = None if down is None else F.linear(F.linear(x, down), up)
     return _plain((x2 @ weight.t()).view(shape), bias, update)
@@ -112,8 +120,9 @@ def linear_parts(layer: nn.Module, dtype: torch.dtype):
     return None
 
 
-def project(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
-    """`[layer(x) for layer in layers]` computed by one GEMM when every layer allows it."""
+def project(layers: Sequence[nn.Module], x: torch.Tensor, recompute: bool = False) -> list[torch.Tensor]:
+    """`[layer(x) for layer in layers]` computed by one GEMM when every layer allows it
+    (`recompute`: see `lora_linear`)."""
     parts = [linear_parts(layer, x.dtype) for layer in layers]
     if any(p is None for p in parts) or any(p[0].dtype != x.dtype for p in parts):
         return [layer(x) for layer in layers]
@@ -126,7 +135,7 @@ def project(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
     if any(p[2] is not None for p in parts):
         down = torch.cat([p[2] if p[2] is not None else p[0].new_zeros(0, p[0].shape[1]) for p in parts])  # (Σ r, in)
         up = torch.block_diag(*[p[3] if p[3] is not None else p[0].new_zeros(p[0].shape[0], 0) for p in parts])
-    out = lora_linear(x, weights, bias, down, up)  # up: (Σ out, Σ r), block-diagonal
+    out = lora_linear(x, weights, bias, down, up, recompute)  # up: (Σ out, Σ r), block-diagonal
     return list(out.split(sizes, dim=-1))
 
 
@@ -150,11 +159,28 @@ class _GEGLU(torch.autograd.Function):
 TRITON_GEGLU = True
 
 
-def geglu(y: torch.Tensor) -> torch.Tensor:
+def _cat(*weights: torch.Tensor) -> torch.Tensor:
+    return torch.cat(weights)
+
+
+def recomputed(fn, *args):
+    """`fn(*args)` inside a compiled region, its output recomputed in backward rather than kept:
+    a checkpoint around one cheap op, which the partitioner honours whatever its own rules (it
+    keeps a Triton op's output, and anything a matmul reads in backward, `speed.partitioner`)."""
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
+def geglu(y: torch.Tensor, recompute: bool = False) -> torch.Tensor:
     """y = [x, gate] (…, 2n) → x · gelu(gate) (…, n). Autograd would keep gelu(gate) beside y
-    (n more values per token: 3.1 GiB at SDXL batch 4, 1024²); this keeps y alone."""
+    (n more values per token: 3.1 GiB at SDXL batch 4, 1024²); this keeps y alone. `recompute`:
+    in a compiled region, the output is not kept for the next layer's backward (its LoRA weight
+    gradient) but computed again from y there (`models.unet.GEGLU.recompute`)."""
     if TRITON_GEGLU and kernels.available(y):
+        if recompute and torch.compiler.is_compiling():
+            return recomputed(kernels.geglu, y)
         return kernels.geglu(y)
+    if recompute and torch.compiler.is_compiling():
+        return recomputed(kernels.geglu_plain, y)
     if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and y.requires_grad):
         return kernels.geglu_plain(y)
     return _GEGLU.apply(y)

@@ -286,9 +286,10 @@ class _Stub:
 
 
 # ---------------------------------------------------------------- compiling in other processes
-# torch._functorch settings a block's graph depends on (speed.activation_budget,
+# torch._functorch settings a block's graph depends on (speed.partitioner,
 # compile_cache.allow_custom_autograd_functions): copied into the workers
-FUNCTORCH_SETTINGS = ("activation_memory_budget", "autograd_cache_allow_custom_autograd_functions")
+FUNCTORCH_SETTINGS = ("activation_memory_budget", "ban_recompute_materialized_backward",
+                      "autograd_cache_allow_custom_autograd_functions")
 
 
 def meta_copy(module: nn.Module) -> nn.Module:

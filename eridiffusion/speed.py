@@ -12,12 +12,11 @@ benchmark's "stages" scope (whole `input_blocks.i`) lives in bench/steps.py.
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 from torch import nn
 
-from .models.unet import BasicTransformerBlock, CrossAttention, ResBlock, UNet
+from .models.unet import GEGLU, BasicTransformerBlock, CrossAttention, ResBlock, UNet
 
 SCOPES = ("none", "blocks")
 
@@ -101,14 +100,31 @@ def compile_regions(
     return len(regions)
 
 
-def activation_budget(fraction: float = 1.0):
-    """Context manager: compiled regions keep about `fraction` of their activations for
-    backward and recompute the rest (torch's activation_memory_budget partitioner, read when a
-    region compiles). H100, SDXL batch 4, compile + graph: 0.6 → 18.3 instead of 25.7 GiB and
-    12% slower (docs/benchmarks.md)."""
-    if fraction >= 1.0:
-        return contextlib.nullcontext()
-    return torch._functorch.config.patch(activation_memory_budget=fraction)
+def partitioner(fraction: float = 1.0, remat: bool = True):
+    """Context manager for the settings of torch's partitioner (which activations a compiled
+    region keeps for backward), read when a region compiles. `remat`: cheap elementwise results
+    that a matmul reads in backward (the LayerNorm outputs the LoRA weight gradients need) are
+    recomputed there rather than kept (torch keeps them by default): SDXL batch 4, compile + graph,
+    H200: 1.9 GiB less for 1% less speed (docs/benchmarks.md); off under gradient checkpointing,
+    which recomputes whole blocks. `fraction` < 1: keep about that share of the activations and
+    recompute the rest (torch's activation_memory_budget)."""
+    settings = {"ban_recompute_materialized_backward": not remat}
+    if fraction < 1.0:
+        settings["activation_memory_budget"] = fraction
+    return torch._functorch.config.patch(settings)
+
+
+def recompute_in_backward(unet: nn.Module, on: bool = True) -> int:
+    """Compiled regions compute each GEGLU output and fused q/k/v weight again in backward
+    instead of keeping them (`models.unet.GEGLU.recompute`, `CrossAttention.recompute`); returns
+    how many GEGLU layers were switched."""
+    for m in unet.modules():
+        if isinstance(m, CrossAttention):
+            m.recompute = on
+    layers = [m for m in unet.modules() if isinstance(m, GEGLU)]
+    for m in layers:
+        m.recompute = on
+    return len(layers)
 
 
 def fuse_qkv(unet: UNet, on: bool = True) -> int:
@@ -123,11 +139,15 @@ def fuse_qkv(unet: UNet, on: bool = True) -> int:
 def optimize_for_training(
     unet: UNet, compile: bool = True, scope: str = "blocks", channels_last: bool = False, mode: str | None = None,
     backend: str = "inductor", dynamic: bool | None = False, fused_qkv: bool = False, cudnn_benchmark: bool = True,
+    recompute: bool | None = None,
 ) -> UNet:
     """Make `unet` fast for LoRA training on CUDA (in place) and return it. Regional compile
-    measured +21% at batch 4 on an H100 (docs/benchmarks.md); the first step compiles (~50 s)."""
+    measured +21% at batch 4 on an H100 (docs/benchmarks.md); the first step compiles (~50 s).
+    `recompute` (`recompute_in_backward`; None: unless `unet.gradient_checkpointing`, under which
+    whole blocks are recomputed anyway)."""
     unet.train()
     fuse_qkv(unet, fused_qkv)
+    recompute_in_backward(unet, not getattr(unet, "gradient_checkpointing", False) if recompute is None else recompute)
     if torch.cuda.is_available():
         set_fast_math(cudnn_benchmark)
     if channels_last:

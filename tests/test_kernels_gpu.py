@@ -1,6 +1,7 @@
 """kernels.geglu's Triton kernels on the GPU: forward and input gradient against fp32 autograd
 (within bf16 rounding, as close as inductor's plain-op kernels), eager and compiled with dynamic
-token counts, and replayed in a CUDA graph."""
+token counts, and replayed in a CUDA graph; a compiled block recomputes the Triton op's output in
+backward when asked (the partitioner keeps it otherwise)."""
 from __future__ import annotations
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from eridiffusion import kernels
 from test_ops import plain_geglu  # the spec: x · gelu(gate) in plain ops
+from test_speed import check_recompute_keeps_less
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -60,3 +62,7 @@ def test_triton_geglu_compiles_with_dynamic_tokens_and_replays_in_a_cuda_graph()
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(x.grad, eager_grad, rtol=0, atol=0)
+
+
+def test_a_compiled_block_recomputes_the_triton_geglu_output_in_backward():
+    check_recompute_keeps_less("cuda", dim=128, tokens=256)

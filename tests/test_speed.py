@@ -7,7 +7,7 @@ from torch._dynamo.utils import counters
 
 from eridiffusion import speed
 from eridiffusion.config import ConfigError
-from eridiffusion.models.unet import BasicTransformerBlock, ResBlock, UNet, UNetConfig
+from eridiffusion.models.unet import GEGLU, BasicTransformerBlock, CrossAttention, ResBlock, UNet, UNetConfig
 from eridiffusion.tiny import demo_config, prepare
 from eridiffusion.train import train
 
@@ -76,17 +76,27 @@ def test_train_compile_option_compiles_and_gives_the_same_losses(tmp_path, monke
     # equal up to fp32 rounding: compiled graphs add a LoRA's update as a plain add (`ops._plain`), eager by addmm_
     assert compiled.losses == pytest.approx(plain.losses, rel=1e-6, abs=0)
 
-    # train.memory_budget is in force while the steps run (when the regions compile), not after
+    # train.memory_budget and the recompute settings (speed.partitioner, GEGLU.recompute; off with
+    # train.keep_activations or gradient checkpointing) are in force while the steps run, not after
     seen, forward = [], UNet.forward
 
     def recording_forward(self, *args, **kwargs):
-        seen.append(torch._functorch.config.activation_memory_budget)
+        f = torch._functorch.config
+        layers = {m.recompute for m in self.modules() if isinstance(m, (GEGLU, CrossAttention))}
+        seen.append((f.activation_memory_budget, not f.ban_recompute_materialized_backward, *layers))
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(UNet, "forward", recording_forward)
     budgeted = train(cfg.replace(train={"compile": True, "memory_budget": 0.5}), progress=False, log=lambda s: None)
-    assert seen == [0.5] * 3 and torch._functorch.config.activation_memory_budget == 1.0
+    assert seen == [(0.5, True, True)] * 3 and torch._functorch.config.activation_memory_budget == 1.0
+    assert torch._functorch.config.ban_recompute_materialized_backward
     assert budgeted.losses == compiled.losses  # the eager backend does not partition: same numbers
+    for keep in ({"keep_activations": True}, {"gradient_checkpointing": True}):
+        seen.clear()
+        train(cfg.replace(train={"compile": True, **keep}), progress=False, log=lambda s: None)
+        assert seen == [(1.0, False, False)] * 3, keep
+    with pytest.raises(ConfigError, match=r"train.keep_activations = true is invalid: must be false without train.compile"):
+        cfg.replace(train={"keep_activations": True}).validate()
     with pytest.raises(ConfigError, match=r"train.memory_budget = 0.5 is invalid: must be 1 without train.compile"):
         cfg.replace(train={"memory_budget": 0.5}).validate()
     with pytest.raises(ConfigError, match=r"train.memory_budget = 0.0 is invalid: must be in \(0, 1\]"):
@@ -298,3 +308,71 @@ def test_warm_up_flushes_until_nothing_new_was_compiled_then_at_most_three_round
     runs.clear()
     speed._warm_up(lambda: runs.append("run"), [], {}, warmup=2, prepare=lambda: True)
     assert len(runs) == 2 + 3
+
+
+def kept_for_backward(recompute: bool, device: str = "cpu", dim: int = 64, tokens: int = 64, batch: int = 2):
+    """A compiled fp32 transformer block with LoRA (fused q/k/v), `speed.recompute_in_backward` and
+    `speed.partitioner`'s remat on or off: the input and LoRA gradients of one step and the
+    (shape, bytes) of every tensor its forward kept for backward (parameters aside)."""
+    import types
+
+    from eridiffusion import networks
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    holder = torch.nn.Module()  # LoRA target names as in a UNet ("….transformer_blocks.0.ff.net.2")
+    holder.a = torch.nn.Module()
+    holder.a.transformer_blocks = torch.nn.ModuleList([BasicTransformerBlock(dim, 32, 2)])
+    holder.to(device).requires_grad_(False)
+    holder.cfg = types.SimpleNamespace(adm_in_channels=2816)
+    net = networks.inject(holder, "unet", rank=4, alpha=4).to(device)
+    for p in net.lora_parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    block = holder.a.transformer_blocks[0]
+    speed.fuse_qkv(holder)
+    assert speed.recompute_in_backward(holder, recompute) == 1
+    speed.compile_regions(holder)
+    x = torch.randn(batch, tokens, dim, device=device, requires_grad=True)
+    ctx = torch.randn(batch, 7, 32, device=device)
+    with speed.partitioner(remat=recompute):
+        block(x, ctx).sum().backward()  # compiles
+    params = {p.untyped_storage().data_ptr() for p in holder.parameters()}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            kept[t.untyped_storage().data_ptr()] = (tuple(t.shape), t.untyped_storage().nbytes())
+        return t
+
+    x.grad = None
+    for p in net.lora_parameters():
+        p.grad = None
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = block(x, ctx)
+    out.sum().backward()
+    return [x.grad, *(p.grad for p in net.lora_parameters())], list(kept.values())
+
+
+def check_recompute_keeps_less(device: str = "cpu", dim: int = 64, tokens: int = 64, batch: int = 2) -> None:
+    (want, kept), (got, fewer) = (kept_for_backward(r, device, dim, tokens, batch) for r in (False, True))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    values = 4  # bytes per fp32 value
+    geglu_out, norm_out = batch * tokens * 4 * dim * values, batch * tokens * dim * values
+    assert sum(n for _, n in kept) - sum(n for _, n in fewer) >= geglu_out + 3 * norm_out
+    weight = (3 * dim, dim)  # the fused q/k/v weight
+    assert weight in [s for s, _ in kept] and weight not in [s for s, _ in fewer]
+
+
+@pytest.mark.parametrize("triton_op", [False, True], ids=["plain", "kernels-op"])
+def test_recompute_in_backward_keeps_less_and_gives_the_same_gradients(monkeypatch, triton_op):
+    """With `speed.recompute_in_backward` and `speed.partitioner`'s remat a compiled transformer
+    block keeps neither the GEGLU output nor the LayerNorm outputs nor the fused q/k/v weight for
+    backward, and its gradients equal the keeping block's. `kernels-op`: the
+    GEGLU through `kernels.geglu`'s custom op with its CPU body (torch traces into it on the CPU;
+    on CUDA, where the partitioner cannot recompute it alone: tests/test_kernels_gpu.py)."""
+    from eridiffusion import kernels
+
+    if triton_op:
+        monkeypatch.setattr(kernels, "available", lambda t: True)
+    check_recompute_keeps_less()

@@ -166,12 +166,20 @@ def make_fast(cfg: TrainConfig, c: Components, buckets, precompiled=None) -> Non
     several `buckets` (the dataset's sizes) shape-generic in H and W from the first compile, else
     for the one shape; `precompiled` (the compile cache's `precompile.Regions`): run those."""
     c.unet.gradient_checkpointing = cfg.train.gradient_checkpointing
-    speed.optimize_for_training(c.unet, compile=False, fused_qkv=True, cudnn_benchmark=cfg.train.cudnn_benchmark)
+    speed.optimize_for_training(c.unet, compile=False, fused_qkv=True, cudnn_benchmark=cfg.train.cudnn_benchmark,
+                                recompute=recomputes(cfg.train))  # fmt: skip
     if cfg.train.fp8_matmul:  # after injection: LoRA-wrapped base layers swap too; before compile
         fp8_matmul.enable_fp8_matmul(c.unet)
     if cfg.train.compile:
         c.family.compile_regions(c.unet, dynamic=None, spatial_dynamic=speed.several_shapes(buckets),
                                  precompiled=precompiled)  # fmt: skip
+
+
+def recomputes(t) -> bool:
+    """Whether compiled regions recompute cheap activations in backward (`speed.partitioner`'s
+    remat, `speed.recompute_in_backward`): unless train.keep_activations, or gradient checkpointing
+    (which recomputes whole blocks)."""
+    return not (t.gradient_checkpointing or t.keep_activations)
 
 
 def resume(resumed, resume_dir: Path, total: int, trainable, opt: optim.Optim, sampler, generators,
@@ -278,7 +286,7 @@ def train(cfg: TrainConfig, *, resume_dir: str | os.PathLike | None = None, stop
     validate = val_loss and val_loss.for_step(train_step, c.unet, text_encoder, c.text_modules())
     periodic = Periodic(cfg, total, per_epoch, runlog, save, trainable, opt, previews, validate, bar, stop, log)
     try:
-        with speed.activation_budget(t_cfg.memory_budget):  # read when the regions compile
+        with speed.partitioner(t_cfg.memory_budget, remat=recomputes(t_cfg)):  # read when the regions compile
             periodic.start(step)  # sample.at_start: the step-0 grid
             while step < total:
                 if w.distributed:  # all ranks stop at the same step
