@@ -69,6 +69,7 @@ CASES = [  # ours as `eri train` runs it (fused q/k/v); the peer runs the eager 
     Case("b4_graph_mem0.6", 4, compile=True, graph=True, fused_qkv=True, memory_budget=0.6),
     Case("b4_graph_mem0.8", 4, compile=True, graph=True, fused_qkv=True, memory_budget=0.8),
     Case("b4_graph_fp8", 4, compile=True, graph=True, fused_qkv=True, fp8=True),
+    Case("b4_graph_nobench", 4, compile=True, graph=True, fused_qkv=True, cudnn_benchmark=False),  # as eri train
     Case("b4_graph_keep", 4, compile=True, graph=True, fused_qkv=True, recompute=False),  # before 2026-11-29 (9th)
     Case("b4_graph_all", 4, compile=True, graph=True, fused_qkv=True, targets="default"),
     Case("b4_graph_all_keep", 4, compile=True, graph=True, fused_qkv=True, targets="default", recompute=False),

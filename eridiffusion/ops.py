@@ -166,7 +166,10 @@ def _cat(*weights: torch.Tensor) -> torch.Tensor:
 def recomputed(fn, *args):
     """`fn(*args)` inside a compiled region, its output recomputed in backward rather than kept:
     a checkpoint around one cheap op, which the partitioner honours whatever its own rules (it
-    keeps a Triton op's output, and anything a matmul reads in backward, `speed.partitioner`)."""
+    keeps a Triton op's output, and anything a matmul reads in backward, `speed.partitioner`).
+    Without grad (previews of a compiled training UNet) it is `fn(*args)`."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
     return checkpoint(fn, *args, use_reentrant=False)
 
 

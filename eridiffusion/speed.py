@@ -12,7 +12,6 @@ benchmark's "stages" scope (whole `input_blocks.i`) lives in bench/steps.py.
 """
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

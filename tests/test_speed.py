@@ -7,7 +7,14 @@ from torch._dynamo.utils import counters
 
 from eridiffusion import speed
 from eridiffusion.config import ConfigError
-from eridiffusion.models.unet import GEGLU, BasicTransformerBlock, CrossAttention, ResBlock, UNet, UNetConfig
+from eridiffusion.models.unet import (
+    GEGLU,
+    BasicTransformerBlock,
+    CrossAttention,
+    ResBlock,
+    UNet,
+    UNetConfig,
+)
 from eridiffusion.tiny import demo_config, prepare
 from eridiffusion.train import train
 
