@@ -57,6 +57,10 @@ class Case:
     recompute: bool | None = None  # cheap recomputes in compiled backward (speed.partitioner's remat, GEGLU
     # outputs); None: as eri train (on unless checkpointing)
 
+    @property
+    def recomputes(self) -> bool:
+        return not self.checkpointing if self.recompute is None else self.recompute
+
 
 CASES = [  # ours as `eri train` runs it (fused q/k/v); the peer runs the eager and checkpointing rows
     Case("b1_eager", 1, fused_qkv=True),
@@ -187,7 +191,7 @@ def build_ours(case: Case):
     stages = case.compile and case.scope == "stages"
     forward = optimize_for_training(unet, compile=case.compile and not stages, channels_last=case.channels_last,
                                     mode=case.mode, fused_qkv=case.fused_qkv, dynamic=case.dynamic,
-                                    recompute=case.recompute)
+                                    recompute=case.recomputes)
     if stages:
         compile_stages(unet, mode=case.mode, dynamic=case.dynamic)
     params = net.lora_parameters()
@@ -538,8 +542,7 @@ def run_case(impl: str, case: Case, flops_per_image: float, peak: float, warmup:
 
     build = build_ours if impl == "eridiffusion" else build_peer
     budget = contextlib.ExitStack()  # settings read when the regions compile, in the first step
-    recompute = not case.checkpointing if case.recompute is None else case.recompute
-    recompute = recompute and impl == "eridiffusion"  # the peer compiles under torch's defaults
+    recompute = case.recomputes and impl == "eridiffusion"  # the peer compiles under torch's defaults
     budget.enter_context(speed.partitioner(case.memory_budget or 1.0, remat=recompute))
     if case.inductor:
         budget.enter_context(torch._inductor.config.patch(dict(case.inductor)))

@@ -103,7 +103,7 @@ def _traced_lora_linear(x, weights, bias, down, up, recompute: bool = False) -> 
     if len(weights) == 1:
         weight = weights[0]
     else:
-        weight = recomputed(_cat, *weights) if recompute else torch.cat(weights)
+        weight = recomputed(_cat, *weights) if recompute else _cat(*weights)
     x2, shape = x.reshape(-1, x.shape[-1]), (*x.shape[:-1], weight.shape[0])
     update = None if down is None else F.linear(F.linear(x, down), up)
     return _plain((x2 @ weight.t()).view(shape), bias, update)
@@ -164,11 +164,11 @@ def _cat(*weights: torch.Tensor) -> torch.Tensor:
 
 
 def recomputed(fn, *args):
-    """`fn(*args)` inside a compiled region, its output recomputed in backward rather than kept:
-    a checkpoint around one cheap op, which the partitioner honours whatever its own rules (it
-    keeps a Triton op's output, and anything a matmul reads in backward, `speed.partitioner`).
-    Without grad (previews of a compiled training UNet) it is `fn(*args)`."""
-    if not torch.is_grad_enabled():
+    """`fn(*args)`; inside a compiled region with grad, its output recomputed in backward rather
+    than kept: a checkpoint around one cheap op, which the partitioner honours whatever its own
+    rules (it keeps a Triton op's output, and anything a matmul reads in backward,
+    `speed.partitioner`). Elsewhere (eager, or previews of a compiled training UNet) plain."""
+    if not (torch.compiler.is_compiling() and torch.is_grad_enabled()):
         return fn(*args)
     return checkpoint(fn, *args, use_reentrant=False)
 
@@ -179,14 +179,12 @@ def geglu(y: torch.Tensor, recompute: bool = False) -> torch.Tensor:
     in a compiled region, the output is not kept for the next layer's backward (its LoRA weight
     gradient) but computed again from y there (`models.unet.GEGLU.recompute`)."""
     if TRITON_GEGLU and kernels.available(y):
-        if recompute and torch.compiler.is_compiling():
-            return recomputed(kernels.geglu, y)
-        return kernels.geglu(y)
-    if recompute and torch.compiler.is_compiling():
-        return recomputed(kernels.geglu_plain, y)
-    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and y.requires_grad):
-        return kernels.geglu_plain(y)
-    return _GEGLU.apply(y)
+        fn = kernels.geglu
+    elif torch.compiler.is_compiling() or not (torch.is_grad_enabled() and y.requires_grad):
+        fn = kernels.geglu_plain
+    else:
+        return _GEGLU.apply(y)  # eager training
+    return recomputed(fn, y) if recompute else fn(y)
 
 
 class _FrozenConv2d(torch.autograd.Function):

@@ -104,8 +104,8 @@ def partitioner(fraction: float = 1.0, remat: bool = True):
     region keeps for backward), read when a region compiles. `remat`: cheap elementwise results
     that a matmul reads in backward (the LayerNorm outputs the LoRA weight gradients need) are
     recomputed there rather than kept (torch keeps them by default): SDXL batch 4, compile + graph,
-    H200: 1.9 GiB less for 1% less speed (docs/benchmarks.md); off under gradient checkpointing,
-    which recomputes whole blocks. `fraction` < 1: keep about that share of the activations and
+    H200: 1.9 GiB less for 1% less speed (docs/benchmarks.md); `train()` turns it off with
+    `train.run.recomputes`. `fraction` < 1: keep about that share of the activations and
     recompute the rest (torch's activation_memory_budget)."""
     settings = {"ban_recompute_materialized_backward": not remat}
     if fraction < 1.0:
@@ -117,13 +117,12 @@ def recompute_in_backward(unet: nn.Module, on: bool = True) -> int:
     """Compiled regions compute each GEGLU output and fused q/k/v weight again in backward
     instead of keeping them (`models.unet.GEGLU.recompute`, `CrossAttention.recompute`); returns
     how many GEGLU layers were switched."""
+    n = 0
     for m in unet.modules():
-        if isinstance(m, CrossAttention):
+        if isinstance(m, (GEGLU, CrossAttention)):
             m.recompute = on
-    layers = [m for m in unet.modules() if isinstance(m, GEGLU)]
-    for m in layers:
-        m.recompute = on
-    return len(layers)
+            n += isinstance(m, GEGLU)
+    return n
 
 
 def fuse_qkv(unet: UNet, on: bool = True) -> int:
@@ -138,15 +137,14 @@ def fuse_qkv(unet: UNet, on: bool = True) -> int:
 def optimize_for_training(
     unet: UNet, compile: bool = True, scope: str = "blocks", channels_last: bool = False, mode: str | None = None,
     backend: str = "inductor", dynamic: bool | None = False, fused_qkv: bool = False, cudnn_benchmark: bool = True,
-    recompute: bool | None = None,
+    recompute: bool = False,
 ) -> UNet:
     """Make `unet` fast for LoRA training on CUDA (in place) and return it. Regional compile
     measured +21% at batch 4 on an H100 (docs/benchmarks.md); the first step compiles (~50 s).
-    `recompute` (`recompute_in_backward`; None: unless `unet.gradient_checkpointing`, under which
-    whole blocks are recomputed anyway)."""
+    `recompute`: `recompute_in_backward` (`train()` passes `train.run.recomputes(cfg.train)`)."""
     unet.train()
     fuse_qkv(unet, fused_qkv)
-    recompute_in_backward(unet, not getattr(unet, "gradient_checkpointing", False) if recompute is None else recompute)
+    recompute_in_backward(unet, recompute)
     if torch.cuda.is_available():
         set_fast_math(cudnn_benchmark)
     if channels_last:

@@ -48,21 +48,28 @@ def tiny_vae():
     return _tiny_vae
 
 
-def _kept_bytes(fn, *args, exclude=()) -> tuple:
-    """Run fn(*args); return its output and the bytes autograd keeps for backward, counted once
-    per storage, leaving out the storages of the tensors in `exclude` (weights)."""
+def kept_tensors(fn, *args, exclude=()) -> tuple:
+    """Run fn(*args); return its output and, per storage autograd keeps for backward, (the shapes
+    kept of it, its bytes), leaving out the storages of the tensors in `exclude` (weights)."""
     skip = {t.untyped_storage().data_ptr() for t in exclude}
     kept = {}
 
     def pack(t):
         ptr = t.untyped_storage().data_ptr()
         if ptr not in skip:
-            kept[ptr] = t.untyped_storage().nbytes()
+            kept.setdefault(ptr, (set(), t.untyped_storage().nbytes()))[0].add(tuple(t.shape))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn(*args)
-    return out, sum(kept.values())
+    return out, list(kept.values())
+
+
+def _kept_bytes(fn, *args, exclude=()) -> tuple:
+    """Run fn(*args); return its output and the bytes autograd keeps for backward, counted once
+    per storage, leaving out the storages of the tensors in `exclude` (weights)."""
+    out, kept = kept_tensors(fn, *args, exclude=exclude)
+    return out, sum(n for _, n in kept)
 
 
 @pytest.fixture

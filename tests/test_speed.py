@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import kept_tensors
 from torch._dynamo.utils import counters
 
 from eridiffusion import speed
@@ -319,8 +320,8 @@ def test_warm_up_flushes_until_nothing_new_was_compiled_then_at_most_three_round
 
 def kept_for_backward(recompute: bool, device: str = "cpu", dim: int = 64, tokens: int = 64, batch: int = 2):
     """A compiled fp32 transformer block with LoRA (fused q/k/v), `speed.recompute_in_backward` and
-    `speed.partitioner`'s remat on or off: the input and LoRA gradients of one step and the
-    (shape, bytes) of every tensor its forward kept for backward (parameters aside)."""
+    `speed.partitioner`'s remat on or off: the input and LoRA gradients of one step and
+    (shapes, bytes) of every storage its forward kept for backward (parameters aside)."""
     import types
 
     from eridiffusion import networks
@@ -343,21 +344,12 @@ def kept_for_backward(recompute: bool, device: str = "cpu", dim: int = 64, token
     ctx = torch.randn(batch, 7, 32, device=device)
     with speed.partitioner(remat=recompute):
         block(x, ctx).sum().backward()  # compiles
-    params = {p.untyped_storage().data_ptr() for p in holder.parameters()}
-    kept = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            kept[t.untyped_storage().data_ptr()] = (tuple(t.shape), t.untyped_storage().nbytes())
-        return t
-
     x.grad = None
     for p in net.lora_parameters():
         p.grad = None
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = block(x, ctx)
+    out, kept = kept_tensors(block, x, ctx, exclude=list(holder.parameters()))
     out.sum().backward()
-    return [x.grad, *(p.grad for p in net.lora_parameters())], list(kept.values())
+    return [x.grad, *(p.grad for p in net.lora_parameters())], kept
 
 
 def check_recompute_keeps_less(device: str = "cpu", dim: int = 64, tokens: int = 64, batch: int = 2) -> None:
@@ -368,7 +360,7 @@ def check_recompute_keeps_less(device: str = "cpu", dim: int = 64, tokens: int =
     geglu_out, norm_out = batch * tokens * 4 * dim * values, batch * tokens * dim * values
     assert sum(n for _, n in kept) - sum(n for _, n in fewer) >= geglu_out + 3 * norm_out
     weight = (3 * dim, dim)  # the fused q/k/v weight
-    assert weight in [s for s, _ in kept] and weight not in [s for s, _ in fewer]
+    assert any(weight in shapes for shapes, _ in kept) and not any(weight in shapes for shapes, _ in fewer)
 
 
 @pytest.mark.parametrize("triton_op", [False, True], ids=["plain", "kernels-op"])
