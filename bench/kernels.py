@@ -14,11 +14,17 @@
                plain ops compiled by inductor against eridiffusion.kernels' Triton op (eager and
                compiled); ms per call, largest error of output and input gradient against fp32.
 
+    fp8gemm:   the frozen-base GEMMs of an SDXL batch-4 step's spatial transformers (forward x Wᵀ and
+               input gradient dy W, each shape times its count) in bf16, in float8 with one scale per
+               tensor and with rowwise scales (per token × per output channel); and what quantising
+               costs: a compiled LayerNorm alone, with a rowwise e4m3 copy of its output fused into
+               it, with a tensorwise one (amax over the whole tensor), and a rowwise quantisation alone.
+
     saved:     what one compiled SDXL transformer block (1280 channels, 32² tokens, batch 4, LoRA on
                the default targets, fused q/k/v) keeps for backward with each GEGLU way and
                partitioner setting (SAVED_WAYS): MiB and the shapes of the kept tensors.
 
-    python bench/kernels.py --out bench/results/kernels_h200.json [--only attention|copies|geglu|saved]
+    python bench/kernels.py --out bench/results/kernels_h200.json [--only attention|copies|geglu|fp8gemm|saved]
 """
 
 from __future__ import annotations
@@ -118,6 +124,86 @@ def bench_geglu(rows: list[dict]) -> None:
             emit(row, rows)
 
 
+def transformer_gemms(batch: int = 4) -> list[tuple[str, int, int, int, int]]:
+    """(name, M, K, N, count) of the frozen Linears' forward GEMMs in SDXL's spatial transformers at
+    1024² (640 channels over 64² tokens: 5 transformers of depth 2; 1280 over 32²: 6 of depth 10),
+    q/k/v fused; the cross-attention k/v over 77 text tokens left out (M = 308)."""
+    gemms = []
+    for c, tokens, blocks, transformers in ((640, 4096, 10, 5), (1280, 1024, 60, 6)):
+        m = batch * tokens
+        gemms += [(f"{c} qkv", m, c, 3 * c, blocks), (f"{c} out/q/out", m, c, c, 3 * blocks),
+                  (f"{c} ff proj", m, c, 8 * c, blocks), (f"{c} ff out", m, 4 * c, c, blocks),
+                  (f"{c} proj in/out", m, c, c, 2 * transformers)]  # fmt: skip
+    return gemms
+
+
+def fp8_gemm_ways(m: int, k: int, n: int, g: torch.Generator) -> dict:
+    """Forward and input-gradient GEMM of one (M, K, N) frozen Linear in each way, operands made
+    beforehand: {way: (forward fn, input-gradient fn)}."""
+    from eridiffusion import fp8_matmul
+
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    x, w, dy = (torch.randn(*shape, **bf, generator=g) for shape in ((m, k), (n, k), (m, n)))
+    e4 = fp8_matmul.E4M3
+    x8, w8, dy8 = (t.to(e4) for t in (x, w, dy))
+    w8t = w8.t().contiguous()
+    one = torch.ones((), device="cuda")
+    rows = {"m": torch.ones(m, 1, device="cuda"), "n": torch.ones(1, n, device="cuda"), "k": torch.ones(1, k, device="cuda")}
+
+    def scaled(a, b, sa, sb):
+        return lambda: torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16, use_fast_accum=True)
+
+    return {"bf16": (lambda: x @ w.t(), lambda: dy @ w),
+            "fp8 tensorwise": (scaled(x8, w8.t(), one, one), scaled(dy8, w8t.t(), one, one)),
+            "fp8 rowwise": (scaled(x8, w8.t(), rows["m"], rows["n"]), scaled(dy8, w8t.t(), rows["m"], rows["k"]))}  # fmt: skip
+
+
+def rowwise_e4m3(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    amax = y.abs().amax(-1, keepdim=True).float().clamp(min=1e-12)
+    return (y.float() * (448.0 / amax)).clamp(-448, 448).to(torch.float8_e4m3fn), amax / 448.0
+
+
+def quantise_ways() -> dict:
+    from eridiffusion import fp8_matmul
+
+    def norm(x, w, b):
+        return F.layer_norm(x, x.shape[-1:], w, b)
+
+    def norm_rowwise(x, w, b):
+        y = norm(x, w, b)
+        return y, *rowwise_e4m3(y)
+
+    def norm_tensorwise(x, w, b):
+        y = norm(x, w, b)
+        return y, *fp8_matmul.quantize(y, fp8_matmul.E4M3)
+
+    ways = {"layernorm": norm, "layernorm + rowwise e4m3": norm_rowwise, "layernorm + tensorwise e4m3": norm_tensorwise,
+            "rowwise e4m3 alone": lambda x, w, b: rowwise_e4m3(x)}  # fmt: skip
+    return {name: torch.compile(fn, dynamic=False) for name, fn in ways.items()}
+
+
+def bench_fp8gemm(rows: list[dict]) -> None:
+    g = torch.Generator("cuda").manual_seed(0)
+    totals = collections.Counter()
+    for name, m, k, n, count in transformer_gemms():
+        for way, (fwd, dgrad) in fp8_gemm_ways(m, k, n, g).items():
+            row = {"probe": "fp8gemm", "gemm": name, "m": m, "k": k, "n": n, "count": count, "way": way}
+            try:
+                row.update(fwd_ms=timed_ms(fwd), dgrad_ms=timed_ms(dgrad))
+                totals[way, "fwd"] += count * row["fwd_ms"]
+                totals[way, "dgrad"] += count * row["dgrad_ms"]
+            except Exception as e:  # a way this build does not take: say which and why
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            emit(row, rows)
+    for (way, part), ms in sorted(totals.items()):
+        emit({"probe": "fp8gemm", "total": part, "way": way, "ms_per_step": ms}, rows)
+    for c, tokens in ((640, 4096), (1280, 1024)):
+        x = torch.randn(4 * tokens, c, device="cuda", dtype=torch.bfloat16, generator=g)
+        w, b = torch.ones(c, device="cuda", dtype=torch.bfloat16), torch.zeros(c, device="cuda", dtype=torch.bfloat16)
+        for way, fn in quantise_ways().items():
+            emit({"probe": "fp8quant", "shape": (4 * tokens, c), "way": way, "ms": timed_ms(lambda: fn(x, w, b))}, rows)
+
+
 def saved_by_block(triton_geglu: bool, partitioner: dict, recompute: bool) -> dict:
     from eridiffusion import ops
     from eridiffusion.models.unet import BasicTransformerBlock
@@ -214,7 +300,8 @@ def bench_copies(rows: list[dict]) -> None:
         emit({"probe": "copies", "launched_by": key, "count": n, "ms": ms}, rows)
 
 
-PROBES = {"attention": bench_attention, "copies": bench_copies, "geglu": bench_geglu, "saved": bench_saved}
+PROBES = {"attention": bench_attention, "copies": bench_copies, "geglu": bench_geglu, "fp8gemm": bench_fp8gemm,
+          "saved": bench_saved}
 
 
 def main(argv=None) -> int:

@@ -2,32 +2,36 @@
 
 Each frozen Linear of the UNet's spatial transformers (proj_in / proj_out, attention q / k / v /
 out, GEGLU proj, feed-forward out; LoRA-wrapped or not) computes its base GEMM with
-`torch._scaled_mm` on float8 operands:
+`torch._scaled_mm` on e4m3 operands, scaled rowwise:
 
-    forward   y  = x Wᵀ + b :  x → e4m3 (scaled per step), W → e4m3 (scaled once)
-    backward  dx = dy W     :  dy → e5m2 (scaled per step), W from a transposed e4m3 copy
+    forward   y  = x Wᵀ + b  :  x → e4m3 per token (row), W → e4m3 per output channel (once)
+    backward  dx = dy W      :  dy · s_W → e4m3 per token, then a GEMM with the same e4m3 W
 
-W gets no gradient (frozen), so the weight-gradient GEMM (the one that would need x in fp8 too)
-does not exist, and forward keeps nothing of x for backward. A LoRA's own branch stays as it
-was (bf16 matmuls over fp32 factors) and is added to the base output.
+W ≈ w8 · s_W (one fp32 scale per output channel). In backward dy W = (dy · s_W) w8, so W's
+scales fold into dy before it is quantised and the input-gradient GEMM reads the same float8
+values (a transposed copy, `w8t`, because `_scaled_mm` wants its second operand column-major).
+W gets no gradient (frozen), so the weight-gradient GEMM does not exist and forward keeps
+nothing of x. A LoRA's own branch stays as it was (bf16) and is added to the base output.
 
-Scaling is tensorwise: one fp32 scale per tensor, s = fp8_max / amax(|t|), computed on the device
-(no host sync, CUDA-graph safe). Rowwise scales (per token / per output channel) measured only a
-little more faithful on the CPU (docs/benchmarks.md), while `_scaled_mm` takes rowwise scales only with
-bf16 output, e4m3 operands on some builds, and a slower kernel than cuBLAS's tensorwise one.
-torchao's float8 training uses the same recipe (tensorwise dynamic, e5m2 gradients,
-fast accumulation in forward only).
+Why rowwise: a token's scale needs only that token's values, so inside `torch.compile` inductor
+computes it and the float8 copy in the kernel that produces the activation (the LayerNorm before
+q / k / v, for one): `bench/kernels.py --only fp8gemm` measured a compiled LayerNorm with its
+rowwise copy as fast as the LayerNorm alone, where a tensorwise scale (one amax over the whole
+tensor) needs a pass of its own before a second pass can cast. And per-output-channel weight
+scales concatenate, so a fused q / k / v projection stays one float8 GEMM (`ops.project`,
+`Quantized.cat`). Scales are computed on the device (no host sync; compiles and captures).
+Gradients are e4m3 too: with a scale per token their range fits (as torchao's rowwise recipe).
 
-`_scaled_mm` wants mat2 column-major: the forward's Wᵀ is a view of W (out, in) kept row-major,
-the backward's W a view of a contiguous Wᵀ copy (in, out); so two float8 copies per weight
-(2 bytes per weight beside the bf16 parameter, which stays what `state_dict()` and the LoRA
-files see). Weights are quantised once, by `enable_fp8_matmul`: enable it after the model is on
-its device and call it again after changing the base weights (a merged LoRA layer falls back to
-the bf16 weight). With `model.dtype = "fp8"` the copies are made from the float8-stored values.
+Two float8 copies per weight (2 bytes per weight beside the bf16 parameter, which stays what
+`state_dict()` and the LoRA files see). Weights are quantised once, by `enable_fp8_matmul`: enable
+it after the model is on its device and call it again after changing the base weights (a merged
+LoRA layer falls back to the bf16 weight). With `model.dtype = "fp8"` the copies are made from
+the float8-stored values.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -37,66 +41,87 @@ from torch import nn
 from eridiffusion.errors import ConfigError
 from eridiffusion.networks.lora import LoRALinear
 
-E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+E4M3 = torch.float8_e4m3fn
 MIN_CAPABILITY = (8, 9)  # Ada / Hopper: the first with float8 tensor cores
 
 
-def quantize(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """x → (x8, inverse scale) with x ≈ x8 · inverse scale: one fp32 scale, amax(|x|) mapped to the
-    format's largest value (448 for e4m3, 57344 for e5m2), computed on x's device."""
+def quantize(x: torch.Tensor, dtype: torch.dtype, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x → (x8, inverse scale) with x ≈ x8 · inverse scale: amax(|x|) over `dim` (kept as a size-1
+    dim; None: the whole tensor, one 0-dim scale) mapped to the format's largest value (448 for
+    e4m3, 57344 for e5m2), in fp32 on x's device."""
     fmax = torch.finfo(dtype).max
-    amax = x.abs().amax().float().clamp(min=1e-12)  # a zero tensor stays zero
-    scale = fmax / amax
+    amax = x.abs().amax() if dim is None else x.abs().amax(dim, keepdim=True)
+    scale = fmax / amax.float().clamp(min=1e-12)  # a zero row stays zero
     x8 = (x.float() * scale).clamp(-fmax, fmax).to(dtype)
     return x8, scale.reciprocal()
 
 
 class Quantized(NamedTuple):
-    """A frozen weight W (out, in) in e4m3: `w8` row-major, `w8t` = W8ᵀ contiguous (in, out),
-    `inv_scale` (fp32, 0-dim) with W ≈ w8 · inv_scale."""
+    """A frozen weight W (out, in) in e4m3 with one fp32 scale per output channel: W ≈ w8 ·
+    scale[:, None]; `w8t` = w8ᵀ contiguous (in, out), the input-gradient GEMM's operand."""
 
     w8: torch.Tensor
     w8t: torch.Tensor
-    inv_scale: torch.Tensor
+    scale: torch.Tensor
 
     @classmethod
     def of(cls, weight: torch.Tensor) -> Quantized:
-        w = weight.detach()
         with torch.no_grad():
-            w8, inv = quantize(w.float(), E4M3)  # .float(): a float8-stored weight reads as its values
-        return cls(w8, w8.t().contiguous(), inv)
+            w8, inv = quantize(weight.detach().float(), E4M3, dim=1)  # .float(): a float8-stored weight reads as its values
+        return cls(w8, w8.t().contiguous(), inv.flatten())
+
+    @classmethod
+    def cat(cls, parts: Sequence[Quantized]) -> Quantized:
+        """The row blocks of several layers' weights (q, k, v) as one: per-row scales concatenate."""
+        if len(parts) == 1:
+            return parts[0]
+        return cls(torch.cat([p.w8 for p in parts]), torch.cat([p.w8t for p in parts], dim=1),
+                   torch.cat([p.scale for p in parts]))  # fmt: skip
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.w8.shape
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x (…, in) → x Wᵀ + b in x's dtype, computed from float8 operands."""
+        out = _FP8Linear.apply(x, self.w8, self.w8t, self.scale)
+        return out if bias is None else out + bias.to(out.dtype)
+
+
+def _scaled_mm(a8: torch.Tensor, b8: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+               fast_accum: bool) -> torch.Tensor:  # fmt: skip
+    """a8 (M, K) row-major @ b8 (K, N) column-major, scales (M, 1) and (1, N), out in bf16 (what
+    rowwise scaling supports)."""
+    return torch._scaled_mm(a8, b8, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16,
+                            use_fast_accum=fast_accum)  # fmt: skip
 
 
 class _FP8Linear(torch.autograd.Function):
-    """y = x Wᵀ + b with float8 operands; only x gets a gradient (W and b are frozen)."""
+    """y = x Wᵀ with float8 operands; only x gets a gradient (W is frozen)."""
 
     @staticmethod
-    def forward(ctx, x, w8, w8t, w_inv, bias):
+    def forward(ctx, x, w8, w8t, scale):
         x2 = x.reshape(-1, x.shape[-1])  # (M, in)
-        x8, x_inv = quantize(x2, E4M3)
-        in_gemm = bias is not None and x.dtype != torch.float32  # _scaled_mm's bias: bf16 / fp16 only
-        out = torch._scaled_mm(x8.contiguous(), w8.t(), scale_a=x_inv, scale_b=w_inv,
-                               bias=bias.to(x.dtype) if in_gemm else None, out_dtype=x.dtype,
-                               use_fast_accum=True)  # (M, out)
-        if bias is not None and not in_gemm:
-            out = out + bias
-        ctx.save_for_backward(w8t, w_inv)
-        return out.view(*x.shape[:-1], w8.shape[0])
+        x8, x_inv = quantize(x2, E4M3, dim=-1)  # (M, in), (M, 1)
+        out = _scaled_mm(x8, w8.t(), x_inv, scale.view(1, -1), fast_accum=True)  # (M, out)
+        ctx.save_for_backward(w8t, scale)
+        return out.to(x.dtype).view(*x.shape[:-1], w8.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        w8t, w_inv = ctx.saved_tensors
+            return None, None, None, None
+        w8t, scale = ctx.saved_tensors
         g2 = grad.reshape(-1, grad.shape[-1])  # (M, out)
-        g8, g_inv = quantize(g2, E5M2)
-        dx = torch._scaled_mm(g8.contiguous(), w8t.t(), scale_a=g_inv, scale_b=w_inv, out_dtype=grad.dtype)  # (M, in)
-        return dx.view(*grad.shape[:-1], w8t.shape[0]), None, None, None, None
+        g8, g_inv = quantize(g2.float() * scale, E4M3, dim=-1)  # W's scales folded in: dy W = (dy · s) w8
+        ones = scale.new_ones(1, w8t.shape[0])
+        dx = _scaled_mm(g8, w8t.t(), g_inv, ones, fast_accum=False)  # (M, in)
+        return dx.to(grad.dtype).view(*grad.shape[:-1], w8t.shape[0]), None, None, None
 
 
 def fp8_linear(x: torch.Tensor, q: Quantized, bias: torch.Tensor | None) -> torch.Tensor:
     """x (…, in) → x Wᵀ + b in x's dtype, computed from float8 operands (`Quantized` W)."""
-    return _FP8Linear.apply(x, q.w8, q.w8t, q.inv_scale, bias)
+    return q.linear(x, bias)
 
 
 class FP8Linear(nn.Linear):
@@ -108,7 +133,8 @@ class FP8Linear(nn.Linear):
         return fp8_linear(x, self.fp8, self.bias)
 
     def linear_parts(self, dtype: torch.dtype):
-        return None  # not part of a fused bf16 projection (`ops.project` calls each layer)
+        """(float8 weight, bias, None, None): joins a fused projection (`ops.project`) as one."""
+        return self.fp8, self.bias, None, None
 
 
 class FP8LoRALinear(LoRALinear):
@@ -122,7 +148,9 @@ class FP8LoRALinear(LoRALinear):
         return fp8_linear(x, self.fp8, self.bias)
 
     def linear_parts(self, dtype: torch.dtype):
-        return None  # forward = base_forward(x) + update(x) (Adapter.forward)
+        """`LoRALinear.linear_parts` with the float8 weight; None once merged (the copy is stale)."""
+        parts = super().linear_parts(dtype)
+        return None if parts is None or self.merged else (self.fp8, *parts[1:])
 
 
 SWAPS = {nn.Linear: FP8Linear, LoRALinear: FP8LoRALinear}  # exact types: DoRA, LoHa, … stay bf16

@@ -5,7 +5,9 @@
   adds the LoRA path's input gradient onto the base one the same way.
 - `project`: several projections of one input (self-attention q, k, v) as one GEMM over the
   concatenated weights; LoRA updates ride along as one rank-Σr down projection and a
-  block-diagonal up projection. Layers say what they hold through `linear_parts(dtype)`.
+  block-diagonal up projection. Layers say what they hold through `linear_parts(dtype)`; a
+  float8 weight (`fp8_matmul.Quantized`, `train.fp8_matmul`) brings its own GEMM, and q, k, v in
+  float8 concatenate into one float8 GEMM the same way.
 - `geglu` and `Conv2d`: the same maths as autograd's, keeping fewer tensors for backward
   (eager training; compiled regions use the plain ops and let the partitioner choose, except
   where `recomputed` says). On CUDA, `geglu` is `kernels.geglu` (Triton, forward and backward),
@@ -89,10 +91,18 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor], 
     """x (…, in) → x Wᵀ + b + (x downᵀ) upᵀ; `up` carries the scale; all in x's dtype. `weight`
     may be a sequence of row blocks of W (frozen), concatenated on the fly and never saved
     (compiled: with `recompute`; else the partitioner may keep the concatenation)."""
-    weights = (weight,) if torch.is_tensor(weight) else tuple(weight)
+    weights = (weight,) if torch.is_tensor(weight) or _float8(weight) else tuple(weight)
+    if _float8(weights[0]):  # its own GEMM and autograd; the LoRA branch as plain ops
+        update = None if down is None else F.linear(F.linear(x, down), up)
+        return _plain(type(weights[0]).cat(weights).linear(x), bias, update)
     if COMPILED == "plain" and torch.compiler.is_compiling():
         return _traced_lora_linear(x, weights, bias, down, up, recompute)
     return _LoRALinear.apply(x, bias, down, up, *weights)
+
+
+def _float8(weight) -> bool:
+    """A frozen weight held in float8 (`fp8_matmul.Quantized`: `cat` and `linear` of its own)."""
+    return hasattr(weight, "linear") and hasattr(weight, "cat")
 
 
 def _traced_lora_linear(x, weights, bias, down, up, recompute: bool = False) -> torch.Tensor:
@@ -124,17 +134,19 @@ def project(layers: Sequence[nn.Module], x: torch.Tensor, recompute: bool = Fals
     """`[layer(x) for layer in layers]` computed by one GEMM when every layer allows it
     (`recompute`: see `lora_linear`)."""
     parts = [linear_parts(layer, x.dtype) for layer in layers]
-    if any(p is None for p in parts) or any(p[0].dtype != x.dtype for p in parts):
+    if any(p is None for p in parts) or len({_float8(p[0]) for p in parts}) > 1:
+        return [layer(x) for layer in layers]
+    if any(not _float8(p[0]) and p[0].dtype != x.dtype for p in parts):
         return [layer(x) for layer in layers]
     sizes = [p[0].shape[0] for p in parts]
-    weights = [p[0] for p in parts]  # row blocks of the (Σ out, in) weight
+    weights = [p[0] for p in parts]  # row blocks of the (Σ out, in) weight (bf16, or float8 with row scales)
     bias = None
     if any(p[1] is not None for p in parts):
-        bias = torch.cat([p[1] if p[1] is not None else p[0].new_zeros(p[0].shape[0]) for p in parts])
+        bias = torch.cat([p[1] if p[1] is not None else x.new_zeros(size) for p, size in zip(parts, sizes)])
     down = up = None
     if any(p[2] is not None for p in parts):
-        down = torch.cat([p[2] if p[2] is not None else p[0].new_zeros(0, p[0].shape[1]) for p in parts])  # (Σ r, in)
-        up = torch.block_diag(*[p[3] if p[3] is not None else p[0].new_zeros(p[0].shape[0], 0) for p in parts])
+        down = torch.cat([p[2] if p[2] is not None else x.new_zeros(0, x.shape[-1]) for p in parts])  # (Σ r, in)
+        up = torch.block_diag(*[p[3] if p[3] is not None else x.new_zeros(size, 0) for p, size in zip(parts, sizes)])
     out = lora_linear(x, weights, bias, down, up, recompute)  # up: (Σ out, Σ r), block-diagonal
     return list(out.split(sizes, dim=-1))
 
