@@ -90,9 +90,10 @@ class Quantized(NamedTuple):
 
 def _scaled_mm(a8: torch.Tensor, b8: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
                fast_accum: bool) -> torch.Tensor:  # fmt: skip
-    """a8 (M, K) row-major @ b8 (K, N) column-major, scales (M, 1) and (1, N), out in bf16 (what
-    rowwise scaling supports)."""
-    return torch._scaled_mm(a8, b8, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16,
+    """a8 (M, K) @ b8 (K, N) column-major, scales (M, 1) and (1, N), out in bf16 (what rowwise
+    scaling supports). a8 is made row-major: a cast keeps its input's strides, and a gradient or
+    a split's view (q of q / k / v) comes in others."""
+    return torch._scaled_mm(a8.contiguous(), b8, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16,
                             use_fast_accum=fast_accum)  # fmt: skip
 
 
