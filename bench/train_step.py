@@ -370,7 +370,7 @@ def profile_case(case: Case, path: str) -> dict:
     summary = {"case": case.name, "wall_s_per_step": wall, "gpu_busy_s": busy,
                "idle_share": max(0.0, 1 - busy / wall),
                "share": {k: v / wall for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
-               "top_kernels": [{"s": s_, "name": n, "category": c} for s_, n, c in kernels[:40]]}
+               "top_kernels": [{"s": s_, "name": n, "category": c} for s_, n, c in kernels[:80]]}
     with open(path, "w") as f:
         json.dump(summary, f, indent=1)
     print(json.dumps({k: summary[k] for k in ("case", "wall_s_per_step", "idle_share", "share")}), flush=True)
