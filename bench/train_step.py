@@ -51,6 +51,7 @@ class Case:
     cudnn_benchmark: bool = True  # cuDNN autotuning (its trial workspaces count in the first step's peak)
     dynamic: bool | None = False  # torch.compile's dynamic: None is what `eri train` uses (shape-generic after a recompile)
     fp8: bool = False  # train.fp8_matmul: the frozen transformer GEMMs in float8 (eridiffusion.fp8_matmul)
+    fp8_backward: str = "bf16"  # their input-gradient GEMM: "bf16" or "fp8" (fp8_matmul.BACKWARD)
     lora: str = "plain"  # how LoRA layers run in compiled regions (eridiffusion.ops.COMPILED): "plain" or "function"
     triton_geglu: bool = True  # GEGLU by eridiffusion.kernels' Triton op (ops.TRITON_GEGLU); False: plain ops
     targets: str = "attention"  # LoRA targets: "attention" (ATTN_TARGETS, the peer's) or "default" (eri train's)
@@ -73,6 +74,7 @@ CASES = [  # ours as `eri train` runs it (fused q/k/v); the peer runs the eager 
     Case("b4_graph_mem0.6", 4, compile=True, graph=True, fused_qkv=True, memory_budget=0.6),
     Case("b4_graph_mem0.8", 4, compile=True, graph=True, fused_qkv=True, memory_budget=0.8),
     Case("b4_graph_fp8", 4, compile=True, graph=True, fused_qkv=True, fp8=True),
+    Case("b4_graph_fp8_bwd", 4, compile=True, graph=True, fused_qkv=True, fp8=True, fp8_backward="fp8"),
     Case("b4_graph_nobench", 4, compile=True, graph=True, fused_qkv=True, cudnn_benchmark=False),  # as eri train
     Case("b4_graph_keep", 4, compile=True, graph=True, fused_qkv=True, recompute=False),  # before 2026-11-29 (9th)
     Case("b4_graph_all", 4, compile=True, graph=True, fused_qkv=True, targets="default"),
@@ -538,7 +540,7 @@ def fp8_fidelity(unet) -> float:
 
 
 def run_case(impl: str, case: Case, flops_per_image: float, peak: float, warmup: int, iters: int) -> dict:
-    from eridiffusion import ops, speed
+    from eridiffusion import fp8_matmul, ops, speed
 
     build = build_ours if impl == "eridiffusion" else build_peer
     budget = contextlib.ExitStack()  # settings read when the regions compile, in the first step
@@ -553,10 +555,12 @@ def run_case(impl: str, case: Case, flops_per_image: float, peak: float, warmup:
            "attn": case.attn, "mode": case.mode, "graph": case.graph, "graph_backward": case.graph_backward,
            "memory_budget": case.memory_budget, "fused_qkv": case.fused_qkv and impl == "eridiffusion",
            "inductor": dict(case.inductor), "functorch": dict(case.functorch), "cudnn_benchmark": case.cudnn_benchmark,
-           "dynamic": case.dynamic, "fp8": case.fp8, "lora": case.lora, "targets": case.targets,
+           "dynamic": case.dynamic, "fp8": case.fp8, "fp8_backward": case.fp8_backward if case.fp8 else None,
+           "lora": case.lora, "targets": case.targets,
            "triton_geglu": case.triton_geglu, "recompute": recompute}
     budget.enter_context(mock.patch.object(ops, "COMPILED", case.lora))  # read when the regions trace
     budget.enter_context(mock.patch.object(ops, "TRITON_GEGLU", case.triton_geglu))
+    budget.enter_context(mock.patch.object(fp8_matmul, "BACKWARD", case.fp8_backward))  # read by enable_fp8_matmul
     with budget:
         built = build(case)
         step, model = built[0], built[2]

@@ -94,7 +94,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor], 
     weights = (weight,) if torch.is_tensor(weight) or _float8(weight) else tuple(weight)
     if _float8(weights[0]):  # its own GEMM and autograd; the LoRA branch as plain ops
         update = None if down is None else F.linear(F.linear(x, down), up)
-        return _plain(type(weights[0]).cat(weights).linear(x), bias, update)
+        return _plain(type(weights[0]).cat(weights).linear(x, bias), None, update)
     if COMPILED == "plain" and torch.compiler.is_compiling():
         return _traced_lora_linear(x, weights, bias, down, up, recompute)
     return _LoRALinear.apply(x, bias, down, up, *weights)
