@@ -46,7 +46,7 @@ from common import (  # noqa: I001 (also puts the repo root on sys.path)
 )
 from train_step import DIFFUSERS_SDXL
 from eridiffusion import checkpoint, diffusion, samplers, speed
-from eridiffusion.pipeline import Pipeline, to_pil
+from eridiffusion.pipeline import Pipeline
 
 # diffusers twin of UNetConfig.tiny(): `attention_head_dim` is diffusers' name for the number of heads.
 DIFFUSERS_TINY_SDXL = dict(

@@ -131,7 +131,7 @@ def _read_safetensors_header(path: Path, size: int) -> tuple[dict, dict, int]:
     data_size = size - 8 - n
     for key, entry in header.items():
         try:
-            dtype, shape, (begin, end) = entry["dtype"], [int(d) for d in entry["shape"]], entry["data_offsets"]
+            dtype, shape, (_begin, end) = entry["dtype"], [int(d) for d in entry["shape"]], entry["data_offsets"]
         except (TypeError, KeyError, ValueError):
             raise NotACheckpoint(path, f"safetensors header entry {key!r} lacks dtype/shape/data_offsets") from None
         if dtype not in _DTYPES:
