@@ -107,6 +107,8 @@ def partitioner(fraction: float = 1.0, remat: bool = True):
     H200: 1.9 GiB less for 1% less speed (docs/benchmarks.md); `train()` turns it off with
     `train.run.recomputes`. `fraction` < 1: keep about that share of the activations and
     recompute the rest (torch's activation_memory_budget)."""
+    import torch._functorch.config  # not loaded by `import torch`: only once something compiles
+
     settings = {"ban_recompute_materialized_backward": not remat}
     if fraction < 1.0:
         settings["activation_memory_budget"] = fraction

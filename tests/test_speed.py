@@ -375,3 +375,17 @@ def test_recompute_in_backward_keeps_less_and_gives_the_same_gradients(monkeypat
     if triton_op:
         monkeypatch.setattr(kernels, "available", lambda t: True)
     check_recompute_keeps_less()
+
+
+def test_partitioner_works_in_a_process_that_has_compiled_nothing():
+    """`speed.partitioner` patches torch._functorch.config, which `import torch` does not load."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from eridiffusion import speed\n"
+            "with speed.partitioner(0.5, remat=True):\n"
+            "    c = torch._functorch.config\n"
+            "    assert c.activation_memory_budget == 0.5 and not c.ban_recompute_materialized_backward\n"
+            "assert c.activation_memory_budget == 1.0 and c.ban_recompute_materialized_backward")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
