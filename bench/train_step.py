@@ -342,14 +342,17 @@ CATEGORIES = [  # kernel-name patterns -> category, first match wins
 
 
 def profile_case(case: Case, path: str) -> dict:
-    """Profile three steps of our step: share of GPU time by kernel category, and idle time."""
+    """Profile three steps of our step, under the case's settings as `run_case` times it: share of
+    GPU time by kernel category, and idle time."""
     from torch.profiler import ProfilerActivity, profile
 
-    built = build_ours(case)
-    step, model = built[0], built[2]
-    args = inputs(case.batch, channels_last=case.channels_last)
-    for _ in range(3):
-        step(*args)
+    with case_settings(case):
+        built = build_ours(case)
+        step, model = built[0], built[2]
+        torch.backends.cudnn.benchmark = case.cudnn_benchmark  # after build: optimize_for_training sets it
+        args = inputs(case.batch, channels_last=case.channels_last)
+        for _ in range(3):  # compiles
+            step(*args)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -539,17 +542,31 @@ def fp8_fidelity(unet) -> float:
     return ((out8 - ref).norm() / ref.norm()).item()
 
 
-def run_case(impl: str, case: Case, flops_per_image: float, peak: float, warmup: int, iters: int) -> dict:
+def case_settings(case: Case, impl: str = "eridiffusion") -> contextlib.ExitStack:
+    """The settings `case` compiles and traces under (read in the first step), to enter around
+    building it and its first steps: partitioner, inductor / functorch patches, how LoRA layers,
+    GEGLU and fp8's input gradient run."""
     from eridiffusion import fp8_matmul, ops, speed
 
-    build = build_ours if impl == "eridiffusion" else build_peer
-    budget = contextlib.ExitStack()  # settings read when the regions compile, in the first step
-    recompute = case.recomputes and impl == "eridiffusion"  # the peer compiles under torch's defaults
-    budget.enter_context(speed.partitioner(case.memory_budget or 1.0, remat=recompute))
+    budget = contextlib.ExitStack()
+    budget.enter_context(speed.partitioner(case.memory_budget or 1.0, remat=case_recomputes(case, impl)))
     if case.inductor:
         budget.enter_context(torch._inductor.config.patch(dict(case.inductor)))
     if case.functorch:
         budget.enter_context(torch._functorch.config.patch(dict(case.functorch)))
+    budget.enter_context(mock.patch.object(ops, "COMPILED", case.lora))  # read when the regions trace
+    budget.enter_context(mock.patch.object(ops, "TRITON_GEGLU", case.triton_geglu))
+    budget.enter_context(mock.patch.object(fp8_matmul, "BACKWARD", case.fp8_backward))  # read by enable_fp8_matmul
+    return budget
+
+
+def case_recomputes(case: Case, impl: str) -> bool:
+    return case.recomputes and impl == "eridiffusion"  # the peer compiles under torch's defaults
+
+
+def run_case(impl: str, case: Case, flops_per_image: float, peak: float, warmup: int, iters: int) -> dict:
+    build = build_ours if impl == "eridiffusion" else build_peer
+    recompute = case_recomputes(case, impl)
     row = {"impl": impl, "config": case.name, "batch": case.batch, "compile": case.compile,
            "checkpointing": case.checkpointing, "scope": case.scope, "channels_last": case.channels_last,
            "attn": case.attn, "mode": case.mode, "graph": case.graph, "graph_backward": case.graph_backward,
@@ -558,10 +575,7 @@ def run_case(impl: str, case: Case, flops_per_image: float, peak: float, warmup:
            "dynamic": case.dynamic, "fp8": case.fp8, "fp8_backward": case.fp8_backward if case.fp8 else None,
            "lora": case.lora, "targets": case.targets,
            "triton_geglu": case.triton_geglu, "recompute": recompute}
-    budget.enter_context(mock.patch.object(ops, "COMPILED", case.lora))  # read when the regions trace
-    budget.enter_context(mock.patch.object(ops, "TRITON_GEGLU", case.triton_geglu))
-    budget.enter_context(mock.patch.object(fp8_matmul, "BACKWARD", case.fp8_backward))  # read by enable_fp8_matmul
-    with budget:
+    with case_settings(case, impl):
         built = build(case)
         step, model = built[0], built[2]
         torch.backends.cudnn.benchmark = case.cudnn_benchmark  # after build: optimize_for_training sets it
