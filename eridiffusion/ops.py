@@ -134,9 +134,8 @@ def project(layers: Sequence[nn.Module], x: torch.Tensor, recompute: bool = Fals
     """`[layer(x) for layer in layers]` computed by one GEMM when every layer allows it
     (`recompute`: see `lora_linear`)."""
     parts = [linear_parts(layer, x.dtype) for layer in layers]
-    if any(p is None for p in parts) or len({_float8(p[0]) for p in parts}) > 1:
-        return [layer(x) for layer in layers]
-    if any(not _float8(p[0]) and p[0].dtype != x.dtype for p in parts):
+    if (any(p is None for p in parts) or len({_float8(p[0]) for p in parts}) > 1  # all bf16 or all float8
+            or any(not _float8(p[0]) and p[0].dtype != x.dtype for p in parts)):
         return [layer(x) for layer in layers]
     sizes = [p[0].shape[0] for p in parts]
     weights = [p[0] for p in parts]  # row blocks of the (Σ out, in) weight (bf16, or float8 with row scales)

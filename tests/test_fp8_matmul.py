@@ -80,22 +80,17 @@ def test_rowwise_scales_map_each_rows_amax_to_448():
     torch.testing.assert_close(x8.float() * inv, x, rtol=0.07, atol=0)
 
 
-def test_weight_scales_are_per_output_channel_and_concatenate():
+def test_weight_scales_are_per_output_channel_and_concatenate(backward):
     w, v = _weight(64, 32), _weight(48, 32, seed=3) * 100  # very different ranges: one tensor scale would crush w
-    for backward in ("bf16", "fp8"):
-        fp8_matmul.BACKWARD = backward
-        try:
-            q, qv, whole = Quantized.of(w), Quantized.of(v), Quantized.of(torch.cat([w, v]))
-        finally:
-            fp8_matmul.BACKWARD = "bf16"
-        assert q.scale.shape == (64,) and q.shape == (64, 32) and q.weights[0] is w
-        assert _rel(q.w8.float() * q.scale[:, None], w.float()) < FORWARD_TOL
-        assert (q.w8t is None) if backward == "bf16" else torch.equal(q.w8t, q.w8.t().contiguous())
-        both = Quantized.cat([q, qv])
-        assert both.weights == (w, v)  # row blocks, concatenated only where a GEMM needs them
-        for name in ("w8", "scale", "w8t"):  # rows keep their own scales: the same as quantising the concatenation
-            a, b = getattr(both, name), getattr(whole, name)
-            assert (a is None and b is None) or torch.equal(a.float(), b.float()), name
+    q, qv, whole = Quantized.of(w), Quantized.of(v), Quantized.of(torch.cat([w, v]))
+    assert q.scale.shape == (64,) and q.shape == (64, 32) and q.weights[0] is w
+    assert _rel(q.w8.float() * q.scale[:, None], w.float()) < FORWARD_TOL
+    assert (q.w8t is None) if backward == "bf16" else torch.equal(q.w8t, q.w8.t().contiguous())
+    both = Quantized.cat([q, qv])
+    assert both.weights == (w, v)  # row blocks, concatenated only where a GEMM needs them
+    for name in ("w8", "scale", "w8t"):  # rows keep their own scales: the same as quantising the concatenation
+        a, b = getattr(both, name), getattr(whole, name)
+        assert (a is None and b is None) or torch.equal(a.float(), b.float()), name
 
 
 def _tiny_unet_with_lora():
